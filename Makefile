@@ -1,0 +1,25 @@
+# make setup: an idempotent .venv in the repo root; make demo: the whole chain on phantoms; make test: the suite.
+# GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV := .venv
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.ctsynth-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ctsynth demo
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) ctsynth-demo .pytest_cache

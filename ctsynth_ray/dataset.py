@@ -1,0 +1,318 @@
+"""The one dataset layout of ctsynth, and its one reader and writer.
+
+Every stage (phantoms, ingest, label maps, generation) reads and writes::
+
+    DATASET/manifest.parquet       one row per volume, paths relative to DATASET
+    DATASET/images/<id>.nii.gz     int16 HU
+    DATASET/masks/<id>.nii.gz      uint8 nodule mask, values {0, 1}
+    DATASET/labels/<id>.nii.gz     uint8 label map (where made)
+
+Arrays are indexed (x, y, z) and every NIfTI carries a RAS+ affine (x to the patient's right, y anterior,
+z superior) in millimetres. Files are written under a temporary name and renamed, so a reader never
+sees half a file; a whole new dataset is built in a staging folder and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy import ndimage
+
+from ctsynth_ray.errors import CtsynthError
+
+MANIFEST_NAME = "manifest.parquet"
+TARGET_SPACING_MM: tuple[float, float, float] = (0.48828125, 0.48828125, 1.0)
+SPLITS = ("train", "val", "test")
+SOURCES = ("lidc", "nifti", "phantom", "synthetic")
+
+NODULE_TYPE = pa.struct(
+    [
+        ("center_x_mm", pa.float64()),
+        ("center_y_mm", pa.float64()),
+        ("center_z_mm", pa.float64()),
+        ("volume_mm3", pa.float64()),
+        ("diameter_mm", pa.float64()),
+    ]
+)
+
+#: Columns every manifest has, with their Arrow types. Extra columns are allowed and kept.
+REQUIRED_COLUMNS: dict[str, pa.DataType] = {
+    "volume_id": pa.string(),
+    "image": pa.string(),  # null for label-only volumes (synth-labels, before generation)
+    "mask": pa.string(),
+    "label": pa.string(),  # null until a label map is made
+    "split": pa.string(),
+    "source": pa.string(),
+    "shape_x": pa.int32(),
+    "shape_y": pa.int32(),
+    "shape_z": pa.int32(),
+    "spacing_x": pa.float64(),
+    "spacing_y": pa.float64(),
+    "spacing_z": pa.float64(),
+    "n_nodules": pa.int32(),
+    "nodule_voxels": pa.int64(),
+}
+#: Optional columns with a fixed type (so an all-empty column still has the right type).
+TYPED_OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"nodules": pa.list_(NODULE_TYPE)}
+
+
+@dataclass
+class Volume:
+    """One CT volume of the dataset layout: HU image, nodule mask, optional label map, RAS affine.
+
+    Arrays are (x, y, z); ``hu`` int16, ``mask`` uint8 in {0, 1}, ``label`` uint8.
+    """
+
+    volume_id: str
+    hu: np.ndarray | None
+    mask: np.ndarray
+    affine: np.ndarray
+    label: np.ndarray | None = None
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        return spacing_from_affine(self.affine)
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each array axis (the column norms of the affine's 3x3 part)."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def centred_affine(shape: Sequence[int], spacing_mm: Sequence[float]) -> np.ndarray:
+    """A RAS+ affine with the given voxel size whose world origin is the centre of the grid."""
+    affine = np.diag([*map(float, spacing_mm), 1.0])
+    affine[:3, 3] = -(np.asarray(shape, float) - 1) / 2 * np.asarray(spacing_mm, float)
+    return affine
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def _temp_sibling(path: Path) -> Path:
+    # Keeps the real suffixes (.nii.gz) so writers pick the right format, and a leading dot so a
+    # listing of the folder never shows it as a finished file.
+    return path.with_name(f".{uuid.uuid4().hex[:12]}.tmp.{path.name}")
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``array`` with ``affine`` to ``path`` (.nii or .nii.gz) atomically: temp name, then rename.
+
+    The array's dtype is stored as is (no scaling): int16 HU stay int16 HU.
+    """
+    path = Path(path)
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, float))
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(np.asarray(affine, float), code=1)
+    image.set_sform(np.asarray(affine, float), code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_sibling(path)
+    try:
+        nib.save(image, temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file as (array in its on-disk dtype, 4x4 affine). Raises CtsynthError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtsynthError(f"{path}: file not found")
+    try:
+        image = nib.load(path)
+        array = np.asarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise CtsynthError(f"{path}: not a readable NIfTI file ({exc})") from None
+    if array.ndim != 3:
+        raise CtsynthError(f"{path}: expected a 3D volume, found shape {array.shape}")
+    return array, np.asarray(image.affine, float)
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """Write a Parquet file atomically."""
+    temp = _temp_sibling(path)
+    try:
+        pq.write_table(table, temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- nodules
+
+
+def measure_nodules(mask: np.ndarray, affine: np.ndarray) -> list[dict]:
+    """Connected nodule components of ``mask`` (26-connected): centroid (RAS mm), volume, diameter.
+
+    ``diameter_mm`` is the diameter of the sphere of equal volume.
+    """
+    labelled, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    voxels = ndimage.sum_labels(np.ones_like(labelled, np.float64), labelled, index)
+    centroids = ndimage.center_of_mass(np.ones_like(labelled, np.float64), labelled, index)
+    voxel_mm3 = float(np.prod(spacing_from_affine(affine)))
+    nodules = []
+    for n_vox, centre in zip(voxels, centroids):
+        world = np.asarray(affine, float) @ np.array([*centre, 1.0])
+        volume = float(n_vox) * voxel_mm3
+        nodules.append(
+            {
+                "center_x_mm": float(world[0]),
+                "center_y_mm": float(world[1]),
+                "center_z_mm": float(world[2]),
+                "volume_mm3": volume,
+                "diameter_mm": float((6 * volume / np.pi) ** (1 / 3)),
+            }
+        )
+    return nodules
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+
+def write_volume(root: str | os.PathLike, volume: Volume, split: str, source: str, **extra) -> dict:
+    """Write a volume's files under ``root`` and return its manifest row (paths relative to root).
+
+    ``extra`` becomes extra manifest columns; ``nodules`` (a list of dicts as from
+    :func:`measure_nodules`) is computed from the mask unless given.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    root = Path(root)
+    vid = volume.volume_id
+    row: dict = {"volume_id": vid, "image": None, "mask": f"masks/{vid}.nii.gz", "label": None}
+    if volume.hu is not None:
+        _check_array(vid, "image", volume.hu, np.int16, volume.mask.shape)
+        row["image"] = f"images/{vid}.nii.gz"
+        write_nifti(root / row["image"], volume.hu, volume.affine)
+    _check_array(vid, "mask", volume.mask, np.uint8, volume.mask.shape)
+    write_nifti(root / row["mask"], volume.mask, volume.affine)
+    if volume.label is not None:
+        _check_array(vid, "label", volume.label, np.uint8, volume.mask.shape)
+        row["label"] = f"labels/{vid}.nii.gz"
+        write_nifti(root / row["label"], volume.label, volume.affine)
+    nodules = extra.pop("nodules", None)
+    if nodules is None:
+        nodules = measure_nodules(volume.mask, volume.affine)
+    spacing = volume.spacing_mm
+    row.update(
+        split=split,
+        source=source,
+        shape_x=int(volume.mask.shape[0]),
+        shape_y=int(volume.mask.shape[1]),
+        shape_z=int(volume.mask.shape[2]),
+        spacing_x=spacing[0],
+        spacing_y=spacing[1],
+        spacing_z=spacing[2],
+        n_nodules=len(nodules),
+        nodule_voxels=int(np.count_nonzero(volume.mask)),
+        nodules=nodules,
+    )
+    row.update(extra)
+    return row
+
+
+def _check_array(vid: str, kind: str, array: np.ndarray, dtype, shape) -> None:
+    if array.dtype != dtype:
+        raise ValueError(f"{vid}: {kind} must be {np.dtype(dtype).name}, got {array.dtype}")
+    if array.shape != shape:
+        raise ValueError(f"{vid}: {kind} shape {array.shape} differs from the mask's {shape}")
+
+
+def manifest_table(rows: Sequence[dict]) -> pa.Table:
+    """Rows (dicts) as an Arrow table with the manifest schema; extra columns keep inferred types."""
+    columns = list(REQUIRED_COLUMNS)
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    fields = []
+    arrays = []
+    for name in columns:
+        values = [row.get(name) for row in rows]
+        dtype = REQUIRED_COLUMNS.get(name) or TYPED_OPTIONAL_COLUMNS.get(name)
+        array = pa.array(values, type=dtype) if dtype is not None else pa.array(values)
+        fields.append(pa.field(name, array.type))
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_manifest(root: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """Write ``root/manifest.parquet`` atomically. Volume ids must be unique."""
+    ids = [row["volume_id"] for row in rows]
+    duplicates = sorted({v for v in ids if ids.count(v) > 1})
+    if duplicates:
+        raise CtsynthError(f"{root}: duplicate volume_id {duplicates[0]!r}")
+    path = Path(root) / MANIFEST_NAME
+    write_parquet(path, manifest_table(rows))
+    return path
+
+
+def read_manifest(root: str | os.PathLike) -> list[dict]:
+    """Read ``root/manifest.parquet`` as a list of row dicts. Raises CtsynthError naming the problem."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise CtsynthError(f"{path}: no manifest (is {root} a ctsynth dataset?)")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise CtsynthError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise CtsynthError(f"{path}: missing column(s) {', '.join(missing)}")
+    return table.to_pylist()
+
+
+def load_volume(root: str | os.PathLike, row: dict, *, with_image: bool = True) -> Volume:
+    """Load one manifest row's arrays (image only when asked and present)."""
+    root = Path(root)
+    mask, affine = read_nifti(root / row["mask"])
+    hu = read_nifti(root / row["image"])[0] if with_image and row.get("image") else None
+    label = read_nifti(root / row["label"])[0] if row.get("label") else None
+    return Volume(row["volume_id"], hu, mask, affine, label)
+
+
+@contextlib.contextmanager
+def staged_dataset(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a new dataset in a staging folder beside ``out``; rename it to ``out`` on success.
+
+    On any exception the staging folder is removed and ``out`` is untouched. An existing non-empty
+    ``out`` is an error unless ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CtsynthError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CtsynthError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
+    for sub in ("images", "masks", "labels"):
+        (stage / sub).mkdir(parents=True)
+    try:
+        yield stage
+        for sub in ("images", "masks", "labels"):
+            with contextlib.suppress(OSError):
+                (stage / sub).rmdir()  # only removes it when empty
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(stage, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

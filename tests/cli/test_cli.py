@@ -1,0 +1,74 @@
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from ctsynth_ray import __version__
+from ctsynth_ray.cli.main import app
+from ctsynth_ray.dataset import read_manifest
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"ctsynth {__version__}"
+
+
+def test_phantom_then_inspect_with_preview(tmp_path):
+    out = tmp_path / "ds"
+    result = runner.invoke(app, ["phantom", "--n", "3", "--out", str(out), "--shape", "96,80,48", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(out)) == 3
+    result = runner.invoke(app, ["inspect", str(out), "--preview", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert "3 volume(s)" in result.output and (tmp_path / "p.png").is_file()
+
+
+def test_phantom_refuses_an_existing_dataset_without_overwrite(tmp_path):
+    out = tmp_path / "ds"
+    args = ["phantom", "--n", "2", "--out", str(out), "--shape", "64,64,40"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert re.search(r"ctsynth: error: .*ds: already exists and is not empty", result.output)
+    assert "Traceback" not in result.output
+    assert runner.invoke(app, args + ["--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--shape", "10,10,10"], "at least 32"), (["--shape", "a,b"], "3 comma-separated"),
+     (["--split", "0.5,0.5,0.5"], "sum to 1"), (["--n", "0"], "")],
+)  # fmt: skip
+def test_usage_errors_exit_2(tmp_path, args, message):
+    base = {"--n": "2", "--out": str(tmp_path / "x")}
+    for key, value in zip(args[::2], args[1::2]):
+        base[key] = value
+    result = runner.invoke(app, ["phantom", *[t for kv in base.items() for t in kv]])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_inspect_of_a_broken_dataset_exits_1_naming_the_volume(copy_dataset):
+    root = copy_dataset()
+    row = read_manifest(root)[0]
+    (root / row["mask"]).unlink()
+    result = runner.invoke(app, ["inspect", str(root)])
+    assert result.exit_code == 1
+    assert f"{row['volume_id']}: " in result.output and "file not found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_inspect_of_a_folder_without_manifest(tmp_path):
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1 and "no manifest" in result.output
+
+
+def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "3", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "[1/2]" in result.output and "[2/2]" in result.output
+    assert str((tmp_path / "demo" / "phantoms").resolve()) in result.output
+    assert (tmp_path / "demo" / "phantoms-preview.png").is_file()
