@@ -121,6 +121,74 @@ def inspect(
         typer.echo(f"preview: {write_preview(dataset, preview)}")
 
 
+ingest_app = typer.Typer(help="Ingest real CT into the dataset layout.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    values = parse_floats(text, 3, "--spacing")
+    if min(values) <= 0:
+        raise typer.BadParameter(f"--spacing must be three positive sizes in mm, got {text!r}")
+    return values
+
+
+def _run_ingest(kind: str, src: Path, out: Path, spacing: str, split: str, workers: int, address, overwrite: bool,
+                **options) -> None:  # fmt: skip
+    from ctsynth_ray.pipelines.ingest import REPORT_NAME, ingest
+
+    if not src.is_dir():
+        raise typer.BadParameter(f"{src} is not a folder", param_hint="SRC")
+    report = ingest(
+        kind, src, out, spacing_mm=parse_spacing(spacing), split_fractions=parse_split(split), workers=workers,
+        address=address, overwrite=overwrite, **options,
+    )  # fmt: skip
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    for failure in report.failed:
+        typer.echo(f"ctsynth: error: case {failure['case']}: {failure['file']}: {failure['reason']}", err=True)
+    typer.echo(
+        f"ingested {len(report.ingested)} volume(s) into {out}; {len(report.failed)} failed; "
+        f"report: {out / REPORT_NAME}"
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+SPACING_HELP = "Target voxel size X,Y,Z in mm (the thesis' grid by default)."
+SPLIT_HELP = "Train,val,test fractions; a volume's split is a stable hash of its id."
+
+
+@ingest_app.command("lidc")
+@user_errors
+def ingest_lidc(
+    src: Path = typer.Argument(..., help="Folder tree of DICOM series and LIDC reader XML files."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder to create."),
+    min_readers: int = typer.Option(3, min=1, help="Keep nodules marked by at least this many readers."),
+    spacing: str = typer.Option("0.48828125,0.48828125,1", help=SPACING_HELP),
+    split: str = typer.Option("1,0,0", help=SPLIT_HELP),
+    workers: int = typer.Option(1, min=1, help="Cases in parallel as Ray tasks (1: no Ray)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """LIDC-IDRI style DICOM + reader XML: HU, consensus nodule masks, resampled NIfTI. Exit 1 if any case failed."""
+    _run_ingest("lidc", src, out, spacing, split, workers, address, overwrite, min_readers=min_readers)
+
+
+@ingest_app.command("nifti")
+@user_errors
+def ingest_nifti(
+    src: Path = typer.Argument(..., help="Folder of image/mask NIfTI pairs (images/ + masks/, or X + X_mask)."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder to create."),
+    spacing: str = typer.Option("0.48828125,0.48828125,1", help=SPACING_HELP),
+    split: str = typer.Option("1,0,0", help=SPLIT_HELP),
+    workers: int = typer.Option(1, min=1, help="Cases in parallel as Ray tasks (1: no Ray)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Image/mask NIfTI pairs already converted: reoriented to RAS, resampled when the spacing differs."""
+    _run_ingest("nifti", src, out, spacing, split, workers, address, overwrite)
+
+
 @app.command()
 @user_errors
 def demo(
@@ -129,16 +197,29 @@ def demo(
     workers: int = typer.Option(2, min=1, help="Ray tasks in parallel."),
 ) -> None:
     """Run the whole chain, as far as it is built, on built-in phantoms; print where every output is."""
+    import shutil
+
+    from ctsynth_ray.dataset import load_volume, read_manifest
+    from ctsynth_ray.ingest.export import export_lidc_case
     from ctsynth_ray.inspection import inspect_dataset
+    from ctsynth_ray.pipelines.ingest import ingest
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
     from ctsynth_ray.preview import write_preview
 
     started = time.monotonic()
     outputs: list[tuple[str, Path]] = []
-    steps = 2
+    steps = 3
 
     def step(k: int, text: str) -> None:
         typer.echo(f"\n[{k}/{steps}] {text}  ({time.monotonic() - started:.0f} s)")
+
+    def check(dataset: Path) -> None:
+        summary = inspect_dataset(dataset)
+        typer.echo(summary.format())
+        if not summary.ok:
+            for problem in summary.problems:
+                typer.echo(f"ctsynth: error: {dataset}: {problem}", err=True)
+            raise typer.Exit(1)
 
     out.mkdir(parents=True, exist_ok=True)
     phantoms = out / "phantoms"
@@ -147,15 +228,28 @@ def demo(
     outputs.append(("phantom dataset", phantoms))
 
     step(2, "inspect the phantoms and draw a preview")
-    summary = inspect_dataset(phantoms)
-    typer.echo(summary.format())
-    if not summary.ok:
-        raise typer.Exit(1)
+    check(phantoms)
     outputs.append(("phantom preview", write_preview(phantoms, out / "phantoms-preview.png")))
+
+    step(3, "export 2 phantoms as LIDC-style cases (DICOM + 4-reader XML), then `ingest lidc` them back")
+    lidc_src = out / "lidc-style"
+    shutil.rmtree(lidc_src, ignore_errors=True)
+    rows = [r for r in read_manifest(phantoms) if r["n_nodules"] > 0][:2] or read_manifest(phantoms)[:2]
+    for row in rows:
+        export_lidc_case(load_volume(phantoms, row), lidc_src)
+    ingested = out / "ingested"
+    report = ingest("lidc", lidc_src, ingested, workers=workers, overwrite=True)
+    if not report.ok:
+        for failure in report.failed:
+            typer.echo(f"ctsynth: error: case {failure['case']}: {failure['file']}: {failure['reason']}", err=True)
+        raise typer.Exit(1)
+    check(ingested)
+    outputs += [("LIDC-style DICOM + XML", lidc_src), ("ingested dataset", ingested),
+                ("ingest report", ingested / "ingest_report.json")]  # fmt: skip
 
     typer.echo(f"\ndemo finished in {time.monotonic() - started:.0f} s. Outputs:")
     for name, path in outputs:
-        typer.echo(f"  {name:<22} {path.resolve()}")
+        typer.echo(f"  {name:<24} {path.resolve()}")
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ NODULE_TYPE = pa.struct(
         ("center_z_mm", pa.float64()),
         ("volume_mm3", pa.float64()),
         ("diameter_mm", pa.float64()),
+        ("n_readers", pa.int32()),  # LIDC: readers who marked it (null elsewhere)
     ]
 )
 
@@ -154,31 +155,32 @@ def write_parquet(path: Path, table: pa.Table) -> None:
 
 
 def measure_nodules(mask: np.ndarray, affine: np.ndarray) -> list[dict]:
-    """Connected nodule components of ``mask`` (26-connected): centroid (RAS mm), volume, diameter.
-
-    ``diameter_mm`` is the diameter of the sphere of equal volume.
-    """
+    """Connected nodule components of ``mask`` (26-connected), each as :func:`describe_nodule` gives it."""
     labelled, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
     if count == 0:
         return []
     index = np.arange(1, count + 1)
-    voxels = ndimage.sum_labels(np.ones_like(labelled, np.float64), labelled, index)
-    centroids = ndimage.center_of_mass(np.ones_like(labelled, np.float64), labelled, index)
-    voxel_mm3 = float(np.prod(spacing_from_affine(affine)))
-    nodules = []
-    for n_vox, centre in zip(voxels, centroids):
-        world = np.asarray(affine, float) @ np.array([*centre, 1.0])
-        volume = float(n_vox) * voxel_mm3
-        nodules.append(
-            {
-                "center_x_mm": float(world[0]),
-                "center_y_mm": float(world[1]),
-                "center_z_mm": float(world[2]),
-                "volume_mm3": volume,
-                "diameter_mm": float((6 * volume / np.pi) ** (1 / 3)),
-            }
-        )
-    return nodules
+    voxels = ndimage.sum_labels(mask > 0, labelled, index)
+    centroids = ndimage.center_of_mass(mask > 0, labelled, index)
+    return [_nodule_record(float(n), centre, affine) for n, centre in zip(voxels, centroids)]
+
+
+def describe_nodule(mask: np.ndarray, affine: np.ndarray) -> dict:
+    """All voxels of ``mask`` as one nodule: centroid (RAS mm), volume (mm^3), equal-volume diameter (mm)."""
+    voxels = np.argwhere(mask > 0)
+    return _nodule_record(float(len(voxels)), voxels.mean(0), affine)
+
+
+def _nodule_record(n_voxels: float, centre_index, affine: np.ndarray) -> dict:
+    world = np.asarray(affine, float) @ np.array([*centre_index, 1.0])
+    volume = n_voxels * float(np.prod(spacing_from_affine(affine)))
+    return {
+        "center_x_mm": float(world[0]),
+        "center_y_mm": float(world[1]),
+        "center_z_mm": float(world[2]),
+        "volume_mm3": volume,
+        "diameter_mm": float((6 * volume / np.pi) ** (1 / 3)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ manifest

@@ -69,6 +69,37 @@ def test_inspect_of_a_folder_without_manifest(tmp_path):
 def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "3", "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert "[1/2]" in result.output and "[2/2]" in result.output
-    assert str((tmp_path / "demo" / "phantoms").resolve()) in result.output
-    assert (tmp_path / "demo" / "phantoms-preview.png").is_file()
+    for k in (1, 2, 3):
+        assert f"[{k}/3]" in result.output
+    demo = (tmp_path / "demo").resolve()
+    for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json"):
+        assert str(demo / output) in result.output
+        assert (demo / output).exists()
+    assert len(read_manifest(demo / "ingested")) == 2
+
+
+def test_ingest_lidc_reports_failed_cases_and_exits_1(test_data, tmp_path):
+    out = tmp_path / "ds"
+    result = runner.invoke(app, ["ingest", "lidc", str(test_data / "lidc" / "xml-only"), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "ctsynth: error: case 071: " in result.output and "071.xml: no DICOM series" in result.output
+    assert "Traceback" not in result.output
+    assert (out / "ingest_report.json").is_file() and not list(out.rglob("*.nii.gz"))
+
+
+def test_ingest_lidc_of_exported_phantoms_on_two_ray_workers(tmp_path, ray_session, small_phantom_config):
+    from ctsynth_ray.ingest.export import export_lidc_case
+    from ctsynth_ray.phantom import make_phantom
+
+    for i in range(2):
+        export_lidc_case(make_phantom(1, i, small_phantom_config).volume, tmp_path / "src")
+    out = tmp_path / "ds"
+    result = runner.invoke(app, ["ingest", "lidc", str(tmp_path / "src"), "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "ingested 2 volume(s)" in result.output
+    assert sorted(r["volume_id"] for r in read_manifest(out)) == ["phantom-s1-00000", "phantom-s1-00001"]
+
+
+def test_ingest_nifti_bad_spacing_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["ingest", "nifti", str(tmp_path), "--out", str(tmp_path / "o"), "--spacing", "1,0,1"])
+    assert result.exit_code == 2 and "--spacing" in result.output
