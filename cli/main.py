@@ -189,6 +189,80 @@ def ingest_nifti(
     _run_ingest("nifti", src, out, spacing, split, workers, address, overwrite)
 
 
+def parse_templates(text: str) -> Optional[int]:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise typer.BadParameter(f"--templates must be a positive number or 'all', got {text!r}")
+    return int(text)
+
+
+@app.command()
+@user_errors
+def prepare(
+    dataset: Path = typer.Argument(..., help="Dataset folder; its label maps are written into DATASET/labels/."),
+    out: Path = typer.Option(..., "--out", help="GAN training data folder to create."),
+    scheme: str = typer.Option("body", help="Label scheme: thesis (6 classes) or body (adds outside air)."),
+    size: int = typer.Option(128, min=8, help="Crop size in voxels (nodule-centred cubes)."),
+    dims: str = typer.Option("2,2.5,3", help="Which pairs to write: 2 (slices), 2.5 (stacks), 3 (crops)."),
+    stack_slices: int = typer.Option(3, min=1, help="Label slices per 2.5D stack (odd)."),
+    templates: str = typer.Option("15", help="Nodule templates in the bank (the thesis used 15), or 'all'."),
+    seed: int = typer.Option(0, min=0, help="Seed of the template choice."),
+    workers: int = typer.Option(1, min=1, help="Volumes in parallel as Ray tasks (1: no Ray)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Label maps of every volume, the nodule template bank, and GAN training data (Parquet shards)."""
+    from ctsynth_ray.gan_data import parse_dims
+    from ctsynth_ray.labels import SCHEMES
+    from ctsynth_ray.pipelines.prepare import prepare as run_prepare
+
+    if scheme not in SCHEMES:
+        raise typer.BadParameter(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    try:
+        kinds = parse_dims(dims)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dims") from None
+    description = run_prepare(
+        dataset, out, scheme=scheme, size=size, kinds=kinds, stack_slices=stack_slices,
+        n_templates=parse_templates(templates), seed=seed, workers=workers, address=address, overwrite=overwrite,
+    )  # fmt: skip
+    counts = "; ".join(f"{part}: " + ", ".join(f"{k} {n}" for k, n in c.items()) for part, c in description["counts"].items())
+    typer.echo(f"label maps ({scheme}) in {dataset / 'labels'}; {len(description['templates'])} nodule templates")
+    typer.echo(f"GAN data in {out}: {counts}")
+
+
+@app.command("synth-labels")
+@user_errors
+def synth_labels(
+    n: int = typer.Option(..., "--n", min=1, help="Number of new label volumes."),
+    source: Path = typer.Option(..., "--source", help="Dataset with label maps (run `prepare` first)."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder to create (labels + masks, no images)."),
+    size: int = typer.Option(128, min=8, help="Cube size in voxels."),
+    seed: int = typer.Option(0, min=0, help="Run seed: volume i depends only on (seed, i)."),
+    p_nodule: float = typer.Option(0.8, min=0.0, max=1.0, help="Probability of pasting a nodule template."),
+    templates: str = typer.Option("15", help="Nodule templates to draw from, or 'all'."),
+    lung_fraction: float = typer.Option(0.8, min=0.01, max=1.0, help="Share of a pasted nodule that must lie on lung."),
+    augment: bool = typer.Option(True, help="Flip, turn and scale (+-20 %) templates before pasting."),
+    workers: int = typer.Option(1, min=1, help="Ray tasks in parallel (1: no Ray)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """New label volumes: random cubes of training volumes with pasted nodule templates."""
+    from ctsynth_ray.pipelines.synth_labels import synth_labels as run_synth_labels
+    from ctsynth_ray.synth_labels import SynthLabelConfig
+
+    config = SynthLabelConfig(size=size, p_nodule=p_nodule, lung_fraction=lung_fraction, augment=augment)
+    rows = run_synth_labels(source, out, n, config=config, n_templates=parse_templates(templates), seed=seed,
+                            workers=workers, address=address, overwrite=overwrite)  # fmt: skip
+    pasted = sum(r["inserted_nodule"] for r in rows)
+    failed = sum(r["paste_failed"] for r in rows)
+    typer.echo(f"wrote {len(rows)} label volume(s) to {out}: {pasted} with a pasted nodule")
+    if failed:
+        typer.echo(f"note: {failed} volume(s) found no site with {lung_fraction:.0%} of the nodule on lung "
+                   f"within the retry limit; they have no pasted nodule (column paste_failed)", err=True)  # fmt: skip
+
+
 @app.command()
 @user_errors
 def demo(
@@ -204,11 +278,13 @@ def demo(
     from ctsynth_ray.inspection import inspect_dataset
     from ctsynth_ray.pipelines.ingest import ingest
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
+    from ctsynth_ray.pipelines.prepare import prepare as run_prepare
+    from ctsynth_ray.pipelines.synth_labels import synth_labels as run_synth_labels
     from ctsynth_ray.preview import write_preview
 
     started = time.monotonic()
     outputs: list[tuple[str, Path]] = []
-    steps = 3
+    steps = 5
 
     def step(k: int, text: str) -> None:
         typer.echo(f"\n[{k}/{steps}] {text}  ({time.monotonic() - started:.0f} s)")
@@ -246,6 +322,21 @@ def demo(
     check(ingested)
     outputs += [("LIDC-style DICOM + XML", lidc_src), ("ingested dataset", ingested),
                 ("ingest report", ingested / "ingest_report.json")]  # fmt: skip
+
+    step(4, "prepare: label maps (body scheme), the nodule template bank, GAN training data (2D, 2.5D, 3D)")
+    gan_data = out / "gan-data"
+    description = run_prepare(phantoms, gan_data, scheme="body", workers=workers, overwrite=True)
+    typer.echo(f"GAN data: {description['counts']}; {len(description['templates'])} nodule templates")
+    outputs += [("label maps", phantoms / "labels"), ("GAN training data", gan_data),
+                ("nodule template bank", gan_data / "nodule_bank.parquet")]  # fmt: skip
+
+    step(5, "synth-labels: 24 new 128^3 label volumes with pasted nodules")
+    synthetic_labels = out / "synthetic-labels"
+    rows = run_synth_labels(phantoms, synthetic_labels, 24, seed=0, workers=workers, overwrite=True)
+    typer.echo(f"{sum(r['inserted_nodule'] for r in rows)} of {len(rows)} with a pasted nodule")
+    check(synthetic_labels)
+    outputs += [("synthetic label volumes", synthetic_labels),
+                ("label volume preview", write_preview(synthetic_labels, out / "synthetic-labels-preview.png"))]  # fmt: skip
 
     typer.echo(f"\ndemo finished in {time.monotonic() - started:.0f} s. Outputs:")
     for name, path in outputs:

@@ -50,6 +50,7 @@ def parallel_map(
     address: str | None = None,
     description: str = "",
     progress: bool = True,
+    unit: str = "vol",
 ) -> list[Any]:
     """``[fn(*args) for args in argument_tuples]``, in order, as Ray tasks when ``workers > 1`` or
     ``address`` is given (at most ``workers`` in flight on a local instance), in-process otherwise.
@@ -58,7 +59,7 @@ def parallel_map(
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(argument_tuples), desc=description, unit="vol", disable=not progress, leave=True)
+    bar = tqdm(total=len(argument_tuples), desc=description, unit=unit, disable=not progress, leave=True)
     try:
         if workers <= 1 and address is None:
             results = []

@@ -62,3 +62,14 @@ def copy_dataset(tmp_path, phantom_dataset):
         return target
 
     return make
+
+
+@pytest.fixture(scope="session")
+def labelled_dataset(tmp_path_factory, phantom_dataset) -> Path:
+    """A copy of the phantom dataset with body-scheme label maps (read-only for tests)."""
+    from ctsynth_ray.pipelines.prepare import write_label_maps
+
+    root = tmp_path_factory.mktemp("labelled") / "ds"
+    shutil.copytree(phantom_dataset, root)
+    write_label_maps(root, "body", progress=False)
+    return root

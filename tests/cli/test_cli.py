@@ -67,12 +67,14 @@ def test_inspect_of_a_folder_without_manifest(tmp_path):
 
 
 def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "3", "--workers", "2"])
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "4", "--workers", "2"])
     assert result.exit_code == 0, result.output
-    for k in (1, 2, 3):
-        assert f"[{k}/3]" in result.output
+    for k in (1, 2, 3, 4, 5):
+        assert f"[{k}/5]" in result.output
     demo = (tmp_path / "demo").resolve()
-    for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json"):
+    for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
+                   "phantoms/labels", "gan-data", "gan-data/nodule_bank.parquet", "synthetic-labels",
+                   "synthetic-labels-preview.png"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
@@ -103,3 +105,36 @@ def test_ingest_lidc_of_exported_phantoms_on_two_ray_workers(tmp_path, ray_sessi
 def test_ingest_nifti_bad_spacing_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["ingest", "nifti", str(tmp_path), "--out", str(tmp_path / "o"), "--spacing", "1,0,1"])
     assert result.exit_code == 2 and "--spacing" in result.output
+
+
+def test_prepare_and_synth_labels_from_the_cli(copy_dataset, tmp_path):
+    dataset = copy_dataset()
+    result = runner.invoke(app, ["prepare", str(dataset), "--out", str(tmp_path / "gan"), "--size", "32",
+                                 "--dims", "2,3", "--templates", "all"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "GAN data in" in result.output and (tmp_path / "gan" / "gan_data.json").is_file()
+    assert not list((tmp_path / "gan" / "train").glob("2p5d-*"))
+    result = runner.invoke(app, ["synth-labels", "--n", "5", "--source", str(dataset), "--out", str(tmp_path / "sl"),
+                                 "--size", "48", "--seed", "3"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "wrote 5 label volume(s)" in result.output
+    rows = read_manifest(tmp_path / "sl")
+    assert len(rows) == 5 and all(r["label"] and r["image"] is None for r in rows)
+    result = runner.invoke(app, ["inspect", str(tmp_path / "sl"), "--preview", str(tmp_path / "sl.png")])
+    assert result.exit_code == 0 and (tmp_path / "sl.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--size", "4096"], "larger than every train volume"), (["--templates", "zero"], "--templates")],
+)  # fmt: skip
+def test_synth_labels_errors(labelled_dataset, tmp_path, args, message):
+    result = runner.invoke(app, ["synth-labels", "--n", "2", "--source", str(labelled_dataset), "--out",
+                                 str(tmp_path / "x"), *args])  # fmt: skip
+    assert result.exit_code in (1, 2) and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_synth_labels_without_label_maps_says_to_prepare(copy_dataset, tmp_path):
+    result = runner.invoke(app, ["synth-labels", "--n", "2", "--source", str(copy_dataset()), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "run `ctsynth prepare" in result.output

@@ -1,0 +1,147 @@
+"""GAN training data: nodule-centred crops of label maps and CT, as 2D pairs, 2.5D stacks and 3D crops.
+
+Written as Parquet shards with Arrow fixed-shape tensor columns, one shard per volume and kind, readable
+by Ray Data (``ray.data.read_parquet``) and by :class:`GanPairs`, a plain PyTorch dataset::
+
+    GANDATA/gan_data.json                description: source, scheme, size, kinds, counts, fingerprint
+    GANDATA/nodule_bank.parquet          the template bank (see ctsynth_ray.nodule_bank)
+    GANDATA/train/<kind>-<volume>.parquet   from the train split
+    GANDATA/val/<kind>-<volume>.parquet     held-out pairs from the test split, for validation metrics
+
+Kinds: ``2d`` (label slice -> CT slice), ``2p5d`` (k neighbouring label slices -> centre CT slice) and ``3d``
+(label crop -> CT crop). Every shard has ``volume_id``, ``z`` (slice index in the crop; -1 for 3D), ``label``
+(uint8) and ``hu`` (int16). Labels and HU are stored raw; :class:`GanPairs` encodes them for a network with
+the one shared encoder (:mod:`ctsynth_ray.labels`: label / 3 - 1 or one-hot, HU / 2000).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ctsynth_ray.dataset import Volume, write_parquet
+from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.labels import Tissue, encode_labels, hu_to_network
+
+KINDS = {"2": "2d", "2.5": "2p5d", "3": "3d"}
+DESCRIPTION = "gan_data.json"
+AIR_HU = -1000
+
+
+def parse_dims(text: str) -> list[str]:
+    """'2,2.5,3' -> ['2d', '2p5d', '3d']; ValueError naming a bad entry."""
+    kinds = []
+    for part in text.split(","):
+        part = part.strip()
+        if part not in KINDS:
+            raise ValueError(f"dims must be from 2, 2.5, 3; got {part!r}")
+        kinds.append(KINDS[part])
+    return kinds
+
+
+def _crop(array: np.ndarray, centre: np.ndarray, size: int, fill) -> np.ndarray:
+    out = np.full((size,) * 3, fill, array.dtype)
+    origin = np.asarray(centre, int) - size // 2
+    lo, hi = np.maximum(origin, 0), np.minimum(origin + size, array.shape)
+    if np.all(hi > lo):
+        out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = array[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    return out
+
+
+def nodule_crops(volume: Volume, size: int, air_label: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(label, hu) crops of ``size``^3 centred on each nodule component (padded with air at borders)."""
+    from scipy import ndimage
+
+    labelled, count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
+    crops = []
+    for centre in ndimage.center_of_mass(volume.mask > 0, labelled, range(1, count + 1)):
+        centre = np.rint(centre).astype(int)
+        crops.append((_crop(volume.label, centre, size, air_label), _crop(volume.hu, centre, size, AIR_HU)))
+    return crops
+
+
+def pairs_from_crop(label: np.ndarray, hu: np.ndarray, kind: str, stack_slices: int, air_label: int):
+    """Yield (z, label array, hu array) training pairs of one crop: 2D / 2.5D for each axial slice holding
+    nodule, or the whole crop for 3D."""
+    if kind == "3d":
+        yield -1, label, hu
+        return
+    half = stack_slices // 2
+    padded = np.pad(label, ((0, 0), (0, 0), (half, half)), constant_values=air_label) if kind == "2p5d" else None
+    for z in np.flatnonzero((label == Tissue.NODULE).any(axis=(0, 1))):
+        if kind == "2d":
+            yield int(z), label[:, :, z], hu[:, :, z]
+        else:  # k label slices, channel first, around the target slice
+            yield int(z), np.moveaxis(padded[:, :, z : z + stack_slices], 2, 0), hu[:, :, z]
+
+
+def write_shard(path: Path, volume_id: str, pairs: list[tuple[int, np.ndarray, np.ndarray]]) -> int:
+    """One Parquet shard of pairs with tensor columns; returns the number of rows."""
+    if not pairs:
+        return 0
+    labels = np.stack([p[1] for p in pairs])
+    hus = np.stack([p[2] for p in pairs]).astype(np.int16)
+    table = pa.table(
+        {
+            "volume_id": pa.array([volume_id] * len(pairs)),
+            "z": pa.array([p[0] for p in pairs], pa.int32()),
+            "label": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(labels)),
+            "hu": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(hus)),
+        }
+    )
+    write_parquet(path, table)
+    return len(pairs)
+
+
+def write_volume_shards(out: Path, part: str, volume: Volume, kinds: list[str], size: int, stack_slices: int,
+                        air_label: int) -> dict[str, int]:  # fmt: skip
+    """All kinds of pairs of one volume into ``out/part/<kind>-<volume_id>.parquet``; rows per kind."""
+    crops = nodule_crops(volume, size, air_label)
+    counts = {}
+    for kind in kinds:
+        pairs = [p for label, hu in crops for p in pairs_from_crop(label, hu, kind, stack_slices, air_label)]
+        counts[kind] = write_shard(Path(out) / part / f"{kind}-{volume.volume_id}.parquet", volume.volume_id, pairs)
+    return counts
+
+
+def read_description(gandata: str | Path) -> dict:
+    path = Path(gandata) / DESCRIPTION
+    if not path.is_file():
+        raise CtsynthError(f"{path}: not found (is {gandata} made by `ctsynth prepare`?)")
+    return json.loads(path.read_text())
+
+
+class GanPairs:
+    """A PyTorch-style dataset over GAN training data: item k is (label input, CT target) as float32 tensors.
+
+    ``part`` 'train' or 'val', ``kind`` '2d', '2p5d' or '3d'. The label input is encoded (``scalar``: one channel
+    per slice; ``onehot``: classes x slices for 2.5D) and the CT target is HU / 2000 with a channel axis.
+    """
+
+    def __init__(self, gandata: str | Path, part: str = "train", kind: str = "2d", encoding: str = "scalar"):
+        description = read_description(gandata)
+        self.scheme = description["scheme"]
+        self.encoding = encoding
+        self.kind = kind
+        shards = sorted((Path(gandata) / part).glob(f"{kind}-*.parquet"))
+        if not shards:
+            raise CtsynthError(f"{gandata}: no {kind} shards in {part}/")
+        tables = [pq.read_table(s) for s in shards]
+        self.labels = np.concatenate([t.column("label").combine_chunks().to_numpy_ndarray() for t in tables])
+        self.hu = np.concatenate([t.column("hu").combine_chunks().to_numpy_ndarray() for t in tables])
+        self.volume_ids = [v for t in tables for v in t.column("volume_id").to_pylist()]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, k: int):
+        import torch
+
+        label = encode_labels(self.labels[k], self.scheme, self.encoding)
+        if self.kind == "2p5d":  # (channels, k, x, y) -> (channels * k, x, y)
+            label = label.reshape(-1, *label.shape[2:])
+        return torch.from_numpy(label), torch.from_numpy(hu_to_network(self.hu[k])[None])

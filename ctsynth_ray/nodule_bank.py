@@ -1,0 +1,134 @@
+"""The nodule template bank: nodules (>= 3 mm) cut from the train split with their label and CT neighbourhood.
+
+The thesis pasted one of 15 such templates into each new label volume; ``n_templates=None`` keeps all.
+A bank is stored as one Parquet file (one row per template, arrays as bytes with their shape).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy import ndimage
+
+from ctsynth_ray.dataset import load_volume, read_manifest, spacing_from_affine, write_parquet
+from ctsynth_ray.errors import CtsynthError
+
+MIN_DIAMETER_MM = 3.0
+MARGIN_VOX = 3  # neighbourhood kept around each nodule
+
+
+@dataclass
+class NoduleTemplate:
+    """One nodule: ``mask`` (uint8, the nodule alone), ``label`` and ``hu`` of its neighbourhood, all (x, y, z)."""
+
+    template_id: str
+    source_volume_id: str
+    diameter_mm: float
+    mask: np.ndarray
+    label: np.ndarray
+    hu: np.ndarray
+
+
+def train_rows(root: str | Path) -> list[dict]:
+    """The train split's rows; CtsynthError when there are none."""
+    rows = [r for r in read_manifest(root) if r["split"] == "train"]
+    if not rows:
+        raise CtsynthError(f"{root}: the train split is empty")
+    return rows
+
+
+def build_template_bank(root: str | Path, n_templates: int | None = 15, seed: int = 0) -> list[NoduleTemplate]:
+    """Cut every nodule component >= 3 mm of the train split of the dataset at ``root`` (label maps must exist),
+    then keep ``n_templates`` of them chosen by ``seed`` (all when None). Raises CtsynthError when there are none.
+    """
+    candidates: list[NoduleTemplate] = []
+    for row in train_rows(root):
+        if not row["n_nodules"]:
+            continue
+        volume = load_volume(root, row)
+        if volume.label is None or volume.hu is None:
+            raise CtsynthError(f"{row['volume_id']}: needs an image and a label map (run `ctsynth prepare` first)")
+        voxel_mm3 = float(np.prod(spacing_from_affine(volume.affine)))
+        labelled, count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
+        for k, box in enumerate(ndimage.find_objects(labelled), start=1):
+            component = labelled[box] == k
+            diameter = float((6 * component.sum() * voxel_mm3 / np.pi) ** (1 / 3))
+            if diameter < MIN_DIAMETER_MM:
+                continue
+            grown = tuple(
+                slice(max(s.start - MARGIN_VOX, 0), min(s.stop + MARGIN_VOX, n))
+                for s, n in zip(box, volume.mask.shape)
+            )
+            candidates.append(
+                NoduleTemplate(
+                    template_id=f"{row['volume_id']}#{k}",
+                    source_volume_id=row["volume_id"],
+                    diameter_mm=diameter,
+                    mask=(labelled[grown] == k).astype(np.uint8),
+                    label=volume.label[grown].copy(),
+                    hu=volume.hu[grown].copy(),
+                )
+            )
+    if not candidates:
+        raise CtsynthError(f"{root}: no nodule >= {MIN_DIAMETER_MM:g} mm in the train split (the template bank is empty)")
+    if n_templates is None or n_templates >= len(candidates):
+        return candidates
+    chosen = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,))).choice(
+        len(candidates), n_templates, replace=False
+    )
+    return [candidates[k] for k in sorted(chosen)]
+
+
+def augment_template(template: NoduleTemplate, rng: np.random.Generator) -> np.ndarray:
+    """A random variant of a template's mask: flips on every axis, a 90-degree turn in the axial plane (the
+    grid is anisotropic across planes), and a scale within +-20 %. Returns a uint8 mask."""
+    mask = template.mask
+    for axis in range(3):
+        if rng.random() < 0.5:
+            mask = np.flip(mask, axis)
+    mask = np.rot90(mask, k=int(rng.integers(4)), axes=(0, 1))
+    scale = rng.uniform(0.8, 1.2)
+    scaled = ndimage.zoom(mask.astype(np.float32), scale, order=1) >= 0.5
+    return (scaled if scaled.any() else mask > 0).astype(np.uint8)
+
+
+def save_bank(bank: list[NoduleTemplate], path: str | Path) -> Path:
+    """Write a bank as Parquet: provenance, size, and the arrays as bytes with their shape."""
+    path = Path(path)
+    rows = [
+        {
+            "template_id": t.template_id,
+            "source_volume_id": t.source_volume_id,
+            "diameter_mm": t.diameter_mm,
+            "shape": list(t.mask.shape),
+            "mask": t.mask.tobytes(),
+            "label": t.label.tobytes(),
+            "hu": t.hu.astype(np.int16).tobytes(),
+        }
+        for t in bank
+    ]
+    write_parquet(path, pa.Table.from_pylist(rows))
+    return path
+
+
+def load_bank(path: str | Path) -> list[NoduleTemplate]:
+    """Read a bank written by :func:`save_bank`."""
+    bank = []
+    for row in pq.read_table(path).to_pylist():
+        shape = tuple(row["shape"])
+        bank.append(
+            NoduleTemplate(
+                template_id=row["template_id"],
+                source_volume_id=row["source_volume_id"],
+                diameter_mm=row["diameter_mm"],
+                mask=np.frombuffer(row["mask"], np.uint8).reshape(shape).copy(),
+                label=np.frombuffer(row["label"], np.uint8).reshape(shape).copy(),
+                hu=np.frombuffer(row["hu"], np.int16).reshape(shape).copy(),
+            )
+        )
+    return bank
+
