@@ -101,15 +101,9 @@ def phantom(
     typer.echo(f"wrote {n} phantom(s): {manifest}")
 
 
-@app.command()
-@user_errors
-def inspect(
-    dataset: Path = typer.Argument(..., help="Dataset folder (holding manifest.parquet)."),
-    preview: Optional[Path] = typer.Option(None, "--preview", help="Write a PNG montage here."),
-) -> None:
-    """Summarise a dataset and check it; exit 1 naming each inconsistent volume."""
+def check_dataset(dataset: Path) -> None:
+    """Print a dataset's summary; exit 1 with one line per problem."""
     from ctsynth_ray.inspection import inspect_dataset
-    from ctsynth_ray.preview import write_preview
 
     summary = inspect_dataset(dataset)
     typer.echo(summary.format())
@@ -117,6 +111,23 @@ def inspect(
         for problem in summary.problems:
             typer.echo(f"ctsynth: error: {dataset}: {problem}", err=True)
         raise typer.Exit(1)
+
+
+def report_ingest_failures(report) -> None:
+    for failure in report.failed:
+        typer.echo(f"ctsynth: error: case {failure['case']}: {failure['file']}: {failure['reason']}", err=True)
+
+
+@app.command()
+@user_errors
+def inspect(
+    dataset: Path = typer.Argument(..., help="Dataset folder (holding manifest.parquet)."),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Write a PNG montage here."),
+) -> None:
+    """Summarise a dataset and check it; exit 1 naming each inconsistent volume."""
+    from ctsynth_ray.preview import write_preview
+
+    check_dataset(dataset)
     if preview is not None:
         typer.echo(f"preview: {write_preview(dataset, preview)}")
 
@@ -144,8 +155,7 @@ def _run_ingest(kind: str, src: Path, out: Path, spacing: str, split: str, worke
     )  # fmt: skip
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
-    for failure in report.failed:
-        typer.echo(f"ctsynth: error: case {failure['case']}: {failure['file']}: {failure['reason']}", err=True)
+    report_ingest_failures(report)
     typer.echo(
         f"ingested {len(report.ingested)} volume(s) into {out}; {len(report.failed)} failed; "
         f"report: {out / REPORT_NAME}"
@@ -275,7 +285,6 @@ def demo(
 
     from ctsynth_ray.dataset import load_volume, read_manifest
     from ctsynth_ray.ingest.export import export_lidc_case
-    from ctsynth_ray.inspection import inspect_dataset
     from ctsynth_ray.pipelines.ingest import ingest
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
     from ctsynth_ray.pipelines.prepare import prepare as run_prepare
@@ -289,14 +298,6 @@ def demo(
     def step(k: int, text: str) -> None:
         typer.echo(f"\n[{k}/{steps}] {text}  ({time.monotonic() - started:.0f} s)")
 
-    def check(dataset: Path) -> None:
-        summary = inspect_dataset(dataset)
-        typer.echo(summary.format())
-        if not summary.ok:
-            for problem in summary.problems:
-                typer.echo(f"ctsynth: error: {dataset}: {problem}", err=True)
-            raise typer.Exit(1)
-
     out.mkdir(parents=True, exist_ok=True)
     phantoms = out / "phantoms"
     step(1, f"{n} thoracic CT phantoms with nodules, on {workers} Ray worker(s)")
@@ -304,7 +305,7 @@ def demo(
     outputs.append(("phantom dataset", phantoms))
 
     step(2, "inspect the phantoms and draw a preview")
-    check(phantoms)
+    check_dataset(phantoms)
     outputs.append(("phantom preview", write_preview(phantoms, out / "phantoms-preview.png")))
 
     step(3, "export 2 phantoms as LIDC-style cases (DICOM + 4-reader XML), then `ingest lidc` them back")
@@ -316,10 +317,9 @@ def demo(
     ingested = out / "ingested"
     report = ingest("lidc", lidc_src, ingested, workers=workers, overwrite=True)
     if not report.ok:
-        for failure in report.failed:
-            typer.echo(f"ctsynth: error: case {failure['case']}: {failure['file']}: {failure['reason']}", err=True)
+        report_ingest_failures(report)
         raise typer.Exit(1)
-    check(ingested)
+    check_dataset(ingested)
     outputs += [("LIDC-style DICOM + XML", lidc_src), ("ingested dataset", ingested),
                 ("ingest report", ingested / "ingest_report.json")]  # fmt: skip
 
@@ -334,7 +334,7 @@ def demo(
     synthetic_labels = out / "synthetic-labels"
     rows = run_synth_labels(phantoms, synthetic_labels, 24, seed=0, workers=workers, overwrite=True)
     typer.echo(f"{sum(r['inserted_nodule'] for r in rows)} of {len(rows)} with a pasted nodule")
-    check(synthetic_labels)
+    check_dataset(synthetic_labels)
     outputs += [("synthetic label volumes", synthetic_labels),
                 ("label volume preview", write_preview(synthetic_labels, out / "synthetic-labels-preview.png"))]  # fmt: skip
 
