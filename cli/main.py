@@ -273,12 +273,66 @@ def synth_labels(
                    f"within the retry limit; they have no pasted nodule (column paste_failed)", err=True)  # fmt: skip
 
 
+@app.command("train-gan")
+@user_errors
+def train_gan(
+    gandata: Path = typer.Argument(..., help="GAN training data made by `ctsynth prepare`."),
+    out: Path = typer.Option(..., "--out", help="Run folder: generator.pt/.json, samples, checkpoints."),
+    model: str = typer.Option("cyclegan", help="cyclegan (ResNet generator, unpaired) or pix2pix (U-Net, paired)."),
+    dims: str = typer.Option("2", help="2 (slices), 2.5 (label stacks -> centre slice) or 3 (crops)."),
+    epochs: int = typer.Option(100, min=0, help="Epochs at a constant learning rate."),
+    decay_epochs: int = typer.Option(100, min=0, help="Epochs of linear decay to 0 after those."),
+    batch: int = typer.Option(32, min=1, help="Batch size per worker."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Cap on optimiser steps (smoke runs)."),
+    widths: str = typer.Option("32,64,128", help="ResNet generator widths (CycleGAN)."),
+    blocks: int = typer.Option(6, min=0, help="ResNet generator residual blocks (CycleGAN)."),
+    unet_width: int = typer.Option(64, min=1, help="U-Net generator base width (pix2pix)."),
+    encoding: str = typer.Option("scalar", help="Label encoding: scalar (label / 3 - 1) or onehot."),
+    checkpoint_every: int = typer.Option(200, min=1, help="Steps between checkpoints."),
+    workers: int = typer.Option(1, min=1, help="Ray Train workers (data parallel)."),
+    gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per worker (0: CPU, gloo)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its latest checkpoint."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
+    experiment: str = typer.Option("ctsynth-gan", help="MLflow experiment."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+) -> None:
+    """Train a label-map-to-CT GAN on Ray Train, tracked in MLflow; export RUN/generator.pt + generator.json."""
+    from ctsynth_ray.models.gan import MODELS, GanConfig
+    from ctsynth_ray.pipelines.tracking import default_tracking_uri
+    from ctsynth_ray.pipelines.train_gan import DIMS, TrainGanOptions
+    from ctsynth_ray.pipelines.train_gan import train_gan as run_train_gan
+
+    if model not in MODELS:
+        raise typer.BadParameter(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if dims not in DIMS:
+        raise typer.BadParameter(f"--dims must be one of {', '.join(DIMS)}, got {dims!r}")
+    if encoding not in ("scalar", "onehot"):
+        raise typer.BadParameter(f"--encoding must be scalar or onehot, got {encoding!r}")
+    if epochs + decay_epochs < 1:
+        raise typer.BadParameter("--epochs plus --decay-epochs must be at least 1")
+    generator_widths = parse_floats(widths, 3, "--widths")
+    config = GanConfig(model=model, epochs=epochs, decay_epochs=decay_epochs, batch=batch,
+                       generator_widths=tuple(int(w) for w in generator_widths), residual_blocks=blocks,
+                       unet_width=unet_width)  # fmt: skip
+    options = TrainGanOptions(
+        gandata=str(gandata), run_dir=str(out), dims=dims, encoding=encoding, steps=steps,
+        checkpoint_every=checkpoint_every, workers=workers, gpus_per_worker=gpus_per_worker,
+        tracking_uri=tracking_uri or default_tracking_uri(), experiment=experiment,
+    )  # fmt: skip
+    result = run_train_gan(options, config, resume=resume, address=address)
+    metrics = result.metrics or {}
+    typer.echo(f"trained {model} {dims}D to step {metrics.get('step')}: generator {out / 'generator.pt'}, "
+               f"description {out / 'generator.json'}; MLflow {options.tracking_uri} (experiment {experiment})")  # fmt: skip
+
+
 @app.command()
 @user_errors
 def demo(
     out: Path = typer.Option(Path("ctsynth-demo"), help="Folder for every demo output (replaced each run)."),
-    n: int = typer.Option(8, min=2, help="Number of phantoms."),
-    workers: int = typer.Option(2, min=1, help="Ray tasks in parallel."),
+    n: int = typer.Option(10, min=2, help="Number of phantoms."),
+    workers: int = typer.Option(2, min=1, help="Ray tasks in parallel (and Ray Train workers)."),
+    gan_steps: int = typer.Option(150, min=1, help="GAN training steps."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
 ) -> None:
     """Run the whole chain, as far as it is built, on built-in phantoms; print where every output is."""
     import shutil
@@ -288,12 +342,16 @@ def demo(
     from ctsynth_ray.pipelines.ingest import ingest
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
     from ctsynth_ray.pipelines.prepare import prepare as run_prepare
+    from ctsynth_ray.models.gan import GanConfig
     from ctsynth_ray.pipelines.synth_labels import synth_labels as run_synth_labels
+    from ctsynth_ray.pipelines.tracking import default_tracking_uri
+    from ctsynth_ray.pipelines.train_gan import TrainGanOptions
+    from ctsynth_ray.pipelines.train_gan import train_gan as run_train_gan
     from ctsynth_ray.preview import write_preview
 
     started = time.monotonic()
     outputs: list[tuple[str, Path]] = []
-    steps = 5
+    steps = 6
 
     def step(k: int, text: str) -> None:
         typer.echo(f"\n[{k}/{steps}] {text}  ({time.monotonic() - started:.0f} s)")
@@ -301,7 +359,8 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     phantoms = out / "phantoms"
     step(1, f"{n} thoracic CT phantoms with nodules, on {workers} Ray worker(s)")
-    make_phantom_dataset(phantoms, n, seed=0, workers=workers, overwrite=True)
+    # A larger test split than usual, so that the GAN has held-out nodule slices to validate on.
+    make_phantom_dataset(phantoms, n, seed=0, split_fractions=(0.6, 0.1, 0.3), workers=workers, overwrite=True)
     outputs.append(("phantom dataset", phantoms))
 
     step(2, "inspect the phantoms and draw a preview")
@@ -337,6 +396,21 @@ def demo(
     check_dataset(synthetic_labels)
     outputs += [("synthetic label volumes", synthetic_labels),
                 ("label volume preview", write_preview(synthetic_labels, out / "synthetic-labels-preview.png"))]  # fmt: skip
+
+    step(6, f"train-gan: pix2pix 2D (U-Net) on Ray Train, {gan_steps} steps on {workers} worker(s), tracked in MLflow")
+    gan_run = out / "gan-run"
+    shutil.rmtree(gan_run, ignore_errors=True)
+    tracking_uri = default_tracking_uri() if tracking_uri is None else tracking_uri
+    options = TrainGanOptions(gandata=str(gan_data), run_dir=str(gan_run), dims="2", steps=gan_steps,
+                              checkpoint_every=max(gan_steps // 2, 1), workers=workers, tracking_uri=tracking_uri,
+                              experiment="ctsynth-demo", log_every=25)  # fmt: skip
+    config = GanConfig(model="pix2pix", batch=4, epochs=100, decay_epochs=100, unet_width=16)
+    metrics = run_train_gan(options, config).metrics
+    typer.echo(f"validation: MAE {metrics.get('val_mae_hu', float('nan')):.0f} HU, SSIM {metrics.get('val_ssim', float('nan')):.2f}")
+    samples = sorted((gan_run / "samples").glob("*.png"))
+    outputs += [("generator", gan_run / "generator.pt"), ("generator description", gan_run / "generator.json")]
+    outputs += [("GAN samples (last epoch)", samples[-1])] if samples else []
+    outputs += [("MLflow store", Path(tracking_uri.removeprefix("sqlite:///")))]
 
     typer.echo(f"\ndemo finished in {time.monotonic() - started:.0f} s. Outputs:")
     for name, path in outputs:

@@ -134,6 +134,7 @@ class GanPairs:
         self.labels = np.concatenate([t.column("label").combine_chunks().to_numpy_ndarray() for t in tables])
         self.hu = np.concatenate([t.column("hu").combine_chunks().to_numpy_ndarray() for t in tables])
         self.volume_ids = [v for t in tables for v in t.column("volume_id").to_pylist()]
+        self.z = [z for t in tables for z in t.column("z").to_pylist()]
 
     def __len__(self) -> int:
         return len(self.labels)

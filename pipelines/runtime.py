@@ -14,8 +14,11 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 
 
-def _set_local_defaults() -> None:
+def set_local_defaults() -> None:
+    """Loopback-only Ray and no telemetry, unless the environment already says otherwise (multi-node clusters:
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nor MLflow's (Ray workers inherit this)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -25,19 +28,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     An instance this process already joined is reused (tests share one).
     """
     if address is None:
-        _set_local_defaults()
+        set_local_defaults()
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address)
         return
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address=LOOPBACK,
         dashboard_host=LOOPBACK,
-        log_to_driver=False,
         _temp_dir=temp_dir,
     )
 

@@ -73,3 +73,16 @@ def labelled_dataset(tmp_path_factory, phantom_dataset) -> Path:
     shutil.copytree(phantom_dataset, root)
     write_label_maps(root, "body", progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def gan_data(tmp_path_factory, small_phantom_config) -> Path:
+    """GAN training data (32^3 crops, 2D / 2.5D / 3D) from 8 small phantoms, half of them in the test split."""
+    from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
+    from ctsynth_ray.pipelines.prepare import prepare
+
+    root = tmp_path_factory.mktemp("gan")
+    make_phantom_dataset(root / "ds", 8, config=small_phantom_config, seed=21, split_fractions=(0.5, 0.0, 0.5),
+                         progress=False)  # fmt: skip
+    prepare(root / "ds", root / "gan", scheme="body", size=32, n_templates=4, progress=False)
+    return root / "gan"

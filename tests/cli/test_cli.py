@@ -67,14 +67,16 @@ def test_inspect_of_a_folder_without_manifest(tmp_path):
 
 
 def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "4", "--workers", "2"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "6", "--workers", "2", "--gan-steps", "4",
+                                 "--tracking-uri", uri])  # fmt: skip
     assert result.exit_code == 0, result.output
-    for k in (1, 2, 3, 4, 5):
-        assert f"[{k}/5]" in result.output
+    for k in range(1, 7):
+        assert f"[{k}/6]" in result.output
     demo = (tmp_path / "demo").resolve()
     for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
                    "phantoms/labels", "gan-data", "gan-data/nodule_bank.parquet", "synthetic-labels",
-                   "synthetic-labels-preview.png"):  # fmt: skip
+                   "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
@@ -138,3 +140,20 @@ def test_synth_labels_errors(labelled_dataset, tmp_path, args, message):
 def test_synth_labels_without_label_maps_says_to_prepare(copy_dataset, tmp_path):
     result = runner.invoke(app, ["synth-labels", "--n", "2", "--source", str(copy_dataset()), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "run `ctsynth prepare" in result.output
+
+
+def test_train_gan_from_the_cli_then_refuses_to_overwrite(gan_data, tmp_path, ray_session):
+    args = ["train-gan", str(gan_data), "--out", str(tmp_path / "run"), "--model", "pix2pix", "--batch", "2",
+            "--steps", "2", "--unet-width", "8", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained pix2pix 2D to step 2" in result.output and (tmp_path / "run" / "generator.json").is_file()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "holds an earlier run" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [(["--model", "vae"], "--model"), (["--dims", "4"], "--dims"),
+                                           (["--widths", "8,16"], "--widths")])  # fmt: skip
+def test_train_gan_usage_errors(tmp_path, args, message):
+    result = runner.invoke(app, ["train-gan", str(tmp_path), "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2 and message in result.output

@@ -1,0 +1,1 @@
+"""GAN models, losses, training steps and the self-describing generator export."""

@@ -1,0 +1,189 @@
+"""`ctsynth train-gan`: CycleGAN / pix2pix on Ray Train (TorchTrainer), tracked in MLflow, exported at the end.
+
+Layout of a run folder::
+
+    RUN/generator.pt, RUN/generator.json   the exported generator (ctsynth_ray.models.registry)
+    RUN/samples/epoch-XXXX.png             label | generated | real, per epoch (also in MLflow)
+    RUN/ray/                               Ray Train's storage: checkpoints (every --checkpoint-every steps)
+    RUN/mlflow_run.json                    the MLflow run (resumed by --resume)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.gan_data import read_description
+from ctsynth_ray.models.gan import GanConfig
+from ctsynth_ray.pipelines.runtime import ensure_ray
+from ctsynth_ray.pipelines.tracking import tracking_setup
+
+DIMS = {"2": "2d", "2.5": "2p5d", "3": "3d"}
+RAY_RUN_NAME = "train-gan"
+
+
+@dataclass(frozen=True)
+class TrainGanOptions:
+    """Everything about a run that is not a GAN hyper-parameter."""
+
+    gandata: str
+    run_dir: str
+    dims: str = "2"
+    encoding: str = "scalar"
+    steps: int | None = None  # cap on optimiser steps (smoke runs)
+    checkpoint_every: int = 200
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    tracking_uri: str = ""
+    experiment: str = "ctsynth-gan"
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.dims not in DIMS:
+            raise ValueError(f"dims must be one of {sorted(DIMS)}, got {self.dims!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.checkpoint_every < 1 or self.workers < 1:
+            raise ValueError("checkpoint_every and workers must be at least 1")
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import mlflow
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ctsynth_ray.gan_data import GanPairs
+    from ctsynth_ray.models.gan import GanTrainer, epoch_batches
+    from ctsynth_ray.models.registry import export_generator
+    from ctsynth_ray.models.validation import batch, validate, write_sample_grid
+
+    options = TrainGanOptions(**loop_config["options"])
+    config = GanConfig(**{**loop_config["gan"], "generator_widths": tuple(loop_config["gan"]["generator_widths"])})
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    kind = DIMS[options.dims]
+    description = read_description(options.gandata)
+    train = GanPairs(options.gandata, "train", kind, options.encoding)
+    has_val = any((Path(options.gandata) / "val").glob(f"{kind}-*.parquet"))
+    val = GanPairs(options.gandata, "val", kind, options.encoding) if has_val else None
+    label_channels = int(train[0][0].shape[0])
+    spatial_dims = 3 if kind == "3d" else 2
+    # The U-Net halves the crop down to 1 voxel at most (the reference: 7 levels for 128).
+    config = dataclasses.replace(config, unet_downs=min(config.unet_downs, int(math.log2(description["size"]))))
+    steps_per_epoch = len(epoch_batches(len(train), config.batch, 0, config.seed, rank, world))
+    if steps_per_epoch == 0:
+        raise CtsynthError(f"{options.gandata}: {len(train)} training pairs are fewer than one batch of {config.batch} per worker")
+    trainer = GanTrainer(config, spatial_dims, label_channels, 1, steps_per_epoch, device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state_dict(torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True))
+    last = trainer.total_steps() if options.steps is None else min(trainer.total_steps(), options.steps)
+    run_dir = Path(options.run_dir)
+    if rank == 0:
+        tracking_setup(options.tracking_uri, options.experiment)
+        run_file = run_dir / "mlflow_run.json"
+        run_id = json.loads(run_file.read_text())["run_id"] if checkpoint is not None and run_file.is_file() else None
+        mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
+        if run_id is None:
+            run_file.write_text(json.dumps({"run_id": mlflow.active_run().info.run_id}))
+            mlflow.log_params({**{f"gan.{k}": v for k, v in config.to_dict().items()},
+                               "dims": options.dims, "encoding": options.encoding, "workers": world,
+                               "pairs_train": len(train), "pairs_val": len(val) if val else 0,
+                               "steps_per_epoch": steps_per_epoch, "label_scheme": description["scheme"],
+                               "data_fingerprint": description["fingerprint"]})  # fmt: skip
+        print(f"train-gan: {config.model} {options.dims}D, {len(train)} pairs, {world} worker(s), "
+              f"{steps_per_epoch} steps/epoch, steps {trainer.step} -> {last}", flush=True)  # fmt: skip
+    started, first_step, warm = time.monotonic(), trainer.step, None
+    while trainer.step < last:
+        epoch, k = divmod(trainer.step, steps_per_epoch)
+        indices = epoch_batches(len(train), config.batch, epoch, config.seed, rank, world)[k]
+        unpaired = epoch_batches(len(train), config.batch, epoch, config.seed, rank, world, stream=1)[k]
+        label, ct = batch(train, indices)
+        losses = trainer.train_step(label, ct, batch(train, unpaired)[1])
+        metrics = {**losses, "epoch": epoch}
+        if warm is None:  # throughput is measured from the end of the first step (compilation, warm-up)
+            warm = (time.monotonic(), trainer.step)
+        elif trainer.step == last:
+            metrics["train_steps_per_s"] = (trainer.step - warm[1]) / (time.monotonic() - warm[0])
+        end_of_epoch = trainer.step % steps_per_epoch == 0 or trainer.step == last
+        if rank == 0:
+            mlflow.log_metrics(losses, step=trainer.step)
+            if trainer.step % options.log_every == 0 or trainer.step == last:
+                rate = (trainer.step - first_step) / max(time.monotonic() - started, 1e-6)
+                print(f"train-gan: step {trainer.step}/{last} epoch {epoch} loss_G {losses['loss_G']:.3f} "
+                      f"lr {losses['lr']:.2e} ({rate:.1f} steps/s)", flush=True)  # fmt: skip
+            if end_of_epoch and val is not None:
+                val_metrics = validate(trainer.generate, val)
+                mlflow.log_metrics(val_metrics, step=trainer.step)
+                metrics.update(val_metrics)
+                grid = write_sample_grid(run_dir / "samples" / f"epoch-{epoch:04d}.png", trainer.generate, val)
+                mlflow.log_artifact(str(grid), artifact_path="samples")
+        if trainer.step % options.checkpoint_every == 0 or trainer.step == last:
+            with tempfile.TemporaryDirectory() as folder:
+                saved = None
+                if rank == 0:
+                    torch.save(trainer.state_dict(), Path(folder) / "state.pt")
+                    saved = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report({**metrics, "step": trainer.step}, checkpoint=saved)
+    if rank == 0:
+        info = {
+            "model": config.model, "dims": options.dims, "label_scheme": description["scheme"],
+            "label_encoding": options.encoding, "stack_slices": description.get("stack_slices"),
+            "hu_normalisation": {"scale": description["hu_scale"], "formula": "network = HU / scale"},
+            "spacing_mm": [0.48828125, 0.48828125, 1.0], "size": description["size"],
+            "training_data": {"path": str(options.gandata), "fingerprint": description["fingerprint"],
+                              "source_dataset": description["source_dataset"]},
+            "steps": trainer.step,
+        }  # fmt: skip
+        export_generator(run_dir, trainer.G_A, trainer.spec, info)
+        mlflow.log_artifact(str(run_dir / "generator.json"))
+        mlflow.log_artifact(str(run_dir / "generator.pt"))
+        mlflow.end_run()
+
+
+def train_gan(options: TrainGanOptions, config: GanConfig, *, resume: bool = False, address: str | None = None):
+    """Train on Ray Train; returns the Ray ``Result``. Fresh runs refuse a RUN with checkpoints; ``resume``
+    continues from the latest one (the same data order, no step repeated or skipped)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    description = read_description(options.gandata)  # a clear error before Ray starts
+    if DIMS[options.dims] not in description["kinds"]:
+        raise CtsynthError(f"{options.gandata}: has no {DIMS[options.dims]} pairs (prepare --dims {options.dims})")
+    run_dir = Path(options.run_dir).resolve()
+    storage = run_dir / "ray"
+    has_checkpoints = (storage / RAY_RUN_NAME).is_dir() and any((storage / RAY_RUN_NAME).rglob("state.pt"))
+    if resume and not has_checkpoints:
+        raise CtsynthError(f"{run_dir}: no checkpoint to resume from")
+    if not resume and (run_dir / "generator.json").exists() or (not resume and has_checkpoints):
+        raise CtsynthError(f"{run_dir}: holds an earlier run (pass --resume to continue it, or choose another --out)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ray(address, num_cpus=None if address else max(2, options.workers))
+    use_gpu = options.gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": options.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"options": {**options.__dict__, "run_dir": str(run_dir)}, "gan": config.to_dict()},
+        scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        cause = exc.__cause__ or exc
+        raise CtsynthError(f"{run_dir}: training failed ({type(cause).__name__}: {cause})") from None
