@@ -34,7 +34,7 @@ def main() -> None:
     times["find + read DICOM (HU)"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    annotations, readers = [], 0
+    annotations = []
     for xml in case.xml_paths:
         reading = parse_lidc_xml(xml)
         annotations += rasterise(reading, ct.sop_uids, ct.z_positions_mm, ct.hu.shape)

@@ -11,9 +11,7 @@ Layout of a run folder::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,7 @@ from pathlib import Path
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.gan_data import read_description
 from ctsynth_ray.models.gan import GanConfig
-from ctsynth_ray.pipelines.runtime import ensure_ray
-from ctsynth_ray.pipelines.tracking import tracking_setup
+from ctsynth_ray.pipelines.training import check_run_dir, fit, load_state, report, start_tracked_run
 
 DIMS = {"2": "2d", "2.5": "2p5d", "3": "3d"}
 RAY_RUN_NAME = "train-gan"
@@ -58,7 +55,6 @@ def _train_loop(loop_config: dict) -> None:
     import mlflow
     import ray.train
     import ray.train.torch
-    import torch
 
     from ctsynth_ray.gan_data import GanPairs
     from ctsynth_ray.models.gan import GanTrainer, epoch_batches
@@ -83,24 +79,18 @@ def _train_loop(loop_config: dict) -> None:
     if steps_per_epoch == 0:
         raise CtsynthError(f"{options.gandata}: {len(train)} training pairs are fewer than one batch of {config.batch} per worker")
     trainer = GanTrainer(config, spatial_dims, label_channels, 1, steps_per_epoch, device)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True))
+    state = load_state(device)
+    if state is not None:
+        trainer.load_state_dict(state)
     last = trainer.total_steps() if options.steps is None else min(trainer.total_steps(), options.steps)
     run_dir = Path(options.run_dir)
     if rank == 0:
-        tracking_setup(options.tracking_uri, options.experiment)
-        run_file = run_dir / "mlflow_run.json"
-        run_id = json.loads(run_file.read_text())["run_id"] if checkpoint is not None and run_file.is_file() else None
-        mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
-        if run_id is None:
-            run_file.write_text(json.dumps({"run_id": mlflow.active_run().info.run_id}))
-            mlflow.log_params({**{f"gan.{k}": v for k, v in config.to_dict().items()},
-                               "dims": options.dims, "encoding": options.encoding, "workers": world,
-                               "pairs_train": len(train), "pairs_val": len(val) if val else 0,
-                               "steps_per_epoch": steps_per_epoch, "label_scheme": description["scheme"],
-                               "data_fingerprint": description["fingerprint"]})  # fmt: skip
+        start_tracked_run(run_dir, options.tracking_uri, options.experiment, state is not None,
+                          {**{f"gan.{k}": v for k, v in config.to_dict().items()},
+                           "dims": options.dims, "encoding": options.encoding, "workers": world,
+                           "pairs_train": len(train), "pairs_val": len(val) if val else 0,
+                           "steps_per_epoch": steps_per_epoch, "label_scheme": description["scheme"],
+                           "data_fingerprint": description["fingerprint"]})  # fmt: skip
         print(f"train-gan: {config.model} {options.dims}D, {len(train)} pairs, {world} worker(s), "
               f"{steps_per_epoch} steps/epoch, steps {trainer.step} -> {last}", flush=True)  # fmt: skip
     started, first_step, warm = time.monotonic(), trainer.step, None
@@ -129,12 +119,7 @@ def _train_loop(loop_config: dict) -> None:
                 grid = write_sample_grid(run_dir / "samples" / f"epoch-{epoch:04d}.png", trainer.generate, val)
                 mlflow.log_artifact(str(grid), artifact_path="samples")
         if trainer.step % options.checkpoint_every == 0 or trainer.step == last:
-            with tempfile.TemporaryDirectory() as folder:
-                saved = None
-                if rank == 0:
-                    torch.save(trainer.state_dict(), Path(folder) / "state.pt")
-                    saved = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report({**metrics, "step": trainer.step}, checkpoint=saved)
+            report({**metrics, "step": trainer.step}, trainer.state_dict() if rank == 0 else None)
     if rank == 0:
         info = {
             "model": config.model, "dims": options.dims, "label_scheme": description["scheme"],
@@ -154,36 +139,10 @@ def _train_loop(loop_config: dict) -> None:
 def train_gan(options: TrainGanOptions, config: GanConfig, *, resume: bool = False, address: str | None = None):
     """Train on Ray Train; returns the Ray ``Result``. Fresh runs refuse a RUN with checkpoints; ``resume``
     continues from the latest one (the same data order, no step repeated or skipped)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     description = read_description(options.gandata)  # a clear error before Ray starts
     if DIMS[options.dims] not in description["kinds"]:
         raise CtsynthError(f"{options.gandata}: has no {DIMS[options.dims]} pairs (prepare --dims {options.dims})")
-    run_dir = Path(options.run_dir).resolve()
-    storage = run_dir / "ray"
-    has_checkpoints = (storage / RAY_RUN_NAME).is_dir() and any((storage / RAY_RUN_NAME).rglob("state.pt"))
-    if resume and not has_checkpoints:
-        raise CtsynthError(f"{run_dir}: no checkpoint to resume from")
-    if not resume and (run_dir / "generator.json").exists() or (not resume and has_checkpoints):
-        raise CtsynthError(f"{run_dir}: holds an earlier run (pass --resume to continue it, or choose another --out)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ensure_ray(address, num_cpus=None if address else max(2, options.workers))
-    use_gpu = options.gpus_per_worker > 0
-    resources = {"CPU": 1, **({"GPU": options.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"options": {**options.__dict__, "run_dir": str(run_dir)}, "gan": config.to_dict()},
-        scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=RAY_RUN_NAME,
-            storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=2),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        cause = exc.__cause__ or exc
-        raise CtsynthError(f"{run_dir}: training failed ({type(cause).__name__}: {cause})") from None
+    run_dir = check_run_dir(options.run_dir, RAY_RUN_NAME, resume, "generator.json")
+    loop_config = {"options": {**options.__dict__, "run_dir": str(run_dir)}, "gan": config.to_dict()}
+    return fit(_train_loop, loop_config, run_dir, RAY_RUN_NAME, workers=options.workers,
+               gpus_per_worker=options.gpus_per_worker, address=address)  # fmt: skip

@@ -138,7 +138,8 @@ def _set_requires_grad(nets, flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def _average_gradients(nets) -> None:
+def average_gradients(nets) -> None:
+    """Average the gradients of ``nets`` over the workers of the process group (a no-op for one)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
@@ -234,7 +235,7 @@ class GanTrainer:
                 * c.lambda_cycle * c.lambda_identity  # fmt: skip
         loss_G = loss_G_A + loss_G_B + loss_cycle_A + loss_cycle_B + loss_idt
         loss_G.backward()
-        _average_gradients(self.generators)
+        average_gradients(self.generators)
         self.optimizer_G.step()
         # Discriminators, on fakes from the image pools.
         _set_requires_grad(self.discriminators, True)
@@ -244,7 +245,7 @@ class GanTrainer:
         loss_D_A = 0.5 * (self._gan(self.D_A, real_B, True) + self._gan(self.D_A, pooled_B, False))
         loss_D_B = 0.5 * (self._gan(self.D_B, real_A, True) + self._gan(self.D_B, pooled_A, False))
         (loss_D_A + loss_D_B).backward()
-        _average_gradients(self.discriminators)
+        average_gradients(self.discriminators)
         self.optimizer_D.step()
         return {"loss_G": loss_G.item(), "loss_G_A": loss_G_A.item(), "loss_G_B": loss_G_B.item(),
                 "loss_cycle_A": loss_cycle_A.item(), "loss_cycle_B": loss_cycle_B.item(), "loss_idt": loss_idt.item(),
@@ -259,14 +260,14 @@ class GanTrainer:
         loss_G_l1 = (fake_B.float() - real_B).abs().mean() * c.lambda_l1  # || G(A) - B ||_1
         loss_G = loss_G_gan + loss_G_l1
         loss_G.backward()
-        _average_gradients(self.generators)
+        average_gradients(self.generators)
         self.optimizer_G.step()
         _set_requires_grad(self.discriminators, True)
         self.optimizer_D.zero_grad(set_to_none=True)
         fake_pair = self.pool_fake_ct.query(torch.cat([real_A, fake_B.float()], 1))
         loss_D = 0.5 * (self._gan(self.D_A, torch.cat([real_A, real_B], 1), True) + self._gan(self.D_A, fake_pair, False))
         loss_D.backward()
-        _average_gradients(self.discriminators)
+        average_gradients(self.discriminators)
         self.optimizer_D.step()
         return {"loss_G": loss_G.item(), "loss_G_gan": loss_G_gan.item(), "loss_G_l1": loss_G_l1.item(),
                 "loss_D": loss_D.item()}  # fmt: skip

@@ -69,14 +69,16 @@ def test_inspect_of_a_folder_without_manifest(tmp_path):
 def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "6", "--workers", "2", "--gan-steps", "4",
-                                 "--tracking-uri", uri])  # fmt: skip
+                                 "--seg-iterations", "2", "--tracking-uri", uri])  # fmt: skip
     assert result.exit_code == 0, result.output
-    for k in range(1, 7):
-        assert f"[{k}/6]" in result.output
+    for k in range(1, 9):
+        assert f"[{k}/8]" in result.output
+    assert "compare real-only (baseline) with mixed (candidate)" in result.output and "t-test p" in result.output
     demo = (tmp_path / "demo").resolve()
     for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
                    "phantoms/labels", "gan-data", "gan-data/nodule_bank.parquet", "synthetic-labels",
-                   "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json"):  # fmt: skip
+                   "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json",
+                   "seg-real-only/metrics.csv", "seg-mixed/metrics.csv", "seg-mixed/pred"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
@@ -157,3 +159,35 @@ def test_train_gan_from_the_cli_then_refuses_to_overwrite(gan_data, tmp_path, ra
 def test_train_gan_usage_errors(tmp_path, args, message):
     result = runner.invoke(app, ["train-gan", str(tmp_path), "--out", str(tmp_path / "run"), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_score_and_compare_from_the_cli(tmp_path):
+    import json
+
+    import numpy as np
+
+    from ctsynth_ray.dataset import centred_affine, write_nifti
+
+    affine = centred_affine((6, 6, 6), (1, 1, 1))
+    for k in range(3):
+        truth = np.zeros((6, 6, 6), np.uint8)
+        truth[1:4, 1:4, 1:4] = 1
+        pred = np.roll(truth, k, axis=0)
+        write_nifti(tmp_path / "truth" / f"v{k}.nii.gz", truth, affine)
+        write_nifti(tmp_path / "a" / f"v{k}.nii.gz", pred, affine)
+        write_nifti(tmp_path / "b" / f"v{k}.nii.gz", truth, affine)
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["score", str(tmp_path / name), str(tmp_path / "truth"), "--out", str(tmp_path / f"{name}.csv")])
+        assert result.exit_code == 0 and "scored 3 volume(s)" in result.output
+    result = runner.invoke(app, ["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--json"])
+    assert result.exit_code == 0, result.output
+    parsed = json.loads(result.output)
+    assert parsed["n_volumes"] == 3 and parsed["n_with_nodule"] == 3
+    assert set(parsed["metrics"]) == {"sensitivity", "dice", "f2"}
+    assert set(parsed["metrics"]["dice"]) == {"baseline", "candidate", "p_value", "wilcoxon_p", "test"}
+    assert parsed["metrics"]["dice"]["candidate"]["mean"] == 1.0
+    table = runner.invoke(app, ["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert table.exit_code == 0 and "Wilcoxon p" in table.output
+    (tmp_path / "b" / "v0.nii.gz").unlink()
+    bad = runner.invoke(app, ["score", str(tmp_path / "b"), str(tmp_path / "truth"), "--out", str(tmp_path / "x.csv")])
+    assert bad.exit_code == 1 and "v0: no v0.nii.gz in" in bad.output and not (tmp_path / "x.csv").exists()
