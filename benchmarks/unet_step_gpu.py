@@ -1,4 +1,5 @@
-"""U-Net training steps per second on a GPU: the plain model step and ctsynth's whole loop with its data pipeline.
+"""U-Net training steps per second on a GPU (the plain model step and ctsynth's whole loop with its data
+pipeline) and sliding-window inference per volume.
 
     PYTHONPATH=. python3 benchmarks/unet_step_gpu.py [--steps 50]
 
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from ctsynth_ray.segmentation import UNet, dice_ce_loss, prefetch, sample_patches
+from ctsynth_ray.segmentation import UNet, dice_ce_loss, prefetch, sample_patches, segment
 
 GOAL_ITERATIONS = 100_000
 
@@ -68,10 +69,15 @@ def main() -> None:
         step(*batch)
     torch.cuda.synchronize()
     loop = args.steps / (time.perf_counter() - start)
+    start = time.perf_counter()
+    segment(model, volumes[0][0], args.patch, device)  # sliding window, 50 % overlap, Gaussian weights
+    torch.cuda.synchronize()
+    inference = time.perf_counter() - start
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; 3D U-Net 32-64-128-256, "
           f"batch {args.batch} x {args.patch}^3, bf16")  # fmt: skip
     for name, rate in (("plain step", plain), ("with data (sampler)", loop)):
         print(f"  {name:<20} {rate:6.2f} steps/s: {GOAL_ITERATIONS} iterations in {GOAL_ITERATIONS / rate / 60:5.0f} min")
+    print(f"  sliding-window inference of a 512 x 512 x 300 volume: {inference:.1f} s")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,14 @@ def test_bad_gan_configurations_raise(kwargs, message):
 def test_identity_loss_needs_matching_channels():
     with pytest.raises(ValueError, match="identity loss"):
         GanTrainer(GanConfig(**{**SMALL, "lambda_identity": 0.5}), 2, 3, 1)
+
+
+@pytest.mark.parametrize("model", ["cyclegan", "pix2pix"])
+def test_a_3d_training_step_on_3d_crops(gan_data, model):
+    crops = GanPairs(gan_data, "train", "3d")
+    config = GanConfig(**{**SMALL, "model": model, "batch": 1, "unet_downs": 4})
+    trainer = GanTrainer(config, 3, 1, 1, steps_per_epoch=len(crops))
+    label, ct = batch(crops, [0])
+    losses = trainer.train_step(label, ct, ct)
+    assert trainer.step == 1 and all(np.isfinite(v) for v in losses.values())
+    assert tuple(trainer.generate(label).shape) == (1, 1, 32, 32, 32)
