@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -168,17 +168,27 @@ SPACING_HELP = "Target voxel size X,Y,Z in mm (the thesis' grid by default)."
 SPLIT_HELP = "Train,val,test fractions; a volume's split is a stable hash of its id."
 
 
+# Options the two ingest commands share.
+OutDataset = Annotated[Path, typer.Option("--out", help="Dataset folder to create.")]
+Spacing = Annotated[str, typer.Option(help=SPACING_HELP)]
+Split = Annotated[str, typer.Option(help=SPLIT_HELP)]
+Workers = Annotated[int, typer.Option(min=1, help="Cases in parallel as Ray tasks (1: no Ray).")]
+Address = Annotated[Optional[str], typer.Option(help="Ray cluster address.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
+TARGET_SPACING = "0.48828125,0.48828125,1"
+
+
 @ingest_app.command("lidc")
 @user_errors
 def ingest_lidc(
-    src: Path = typer.Argument(..., help="Folder tree of DICOM series and LIDC reader XML files."),
-    out: Path = typer.Option(..., "--out", help="Dataset folder to create."),
-    min_readers: int = typer.Option(3, min=1, help="Keep nodules marked by at least this many readers."),
-    spacing: str = typer.Option("0.48828125,0.48828125,1", help=SPACING_HELP),
-    split: str = typer.Option("1,0,0", help=SPLIT_HELP),
-    workers: int = typer.Option(1, min=1, help="Cases in parallel as Ray tasks (1: no Ray)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    src: Annotated[Path, typer.Argument(help="Folder tree of DICOM series and LIDC reader XML files.")],
+    out: OutDataset,
+    min_readers: Annotated[int, typer.Option(min=1, help="Keep nodules marked by at least this many readers.")] = 3,
+    spacing: Spacing = TARGET_SPACING,
+    split: Split = "1,0,0",
+    workers: Workers = 1,
+    address: Address = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """LIDC-IDRI style DICOM + reader XML: HU, consensus nodule masks, resampled NIfTI. Exit 1 if any case failed."""
     _run_ingest("lidc", src, out, spacing, split, workers, address, overwrite, min_readers=min_readers)
@@ -187,13 +197,13 @@ def ingest_lidc(
 @ingest_app.command("nifti")
 @user_errors
 def ingest_nifti(
-    src: Path = typer.Argument(..., help="Folder of image/mask NIfTI pairs (images/ + masks/, or X + X_mask)."),
-    out: Path = typer.Option(..., "--out", help="Dataset folder to create."),
-    spacing: str = typer.Option("0.48828125,0.48828125,1", help=SPACING_HELP),
-    split: str = typer.Option("1,0,0", help=SPLIT_HELP),
-    workers: int = typer.Option(1, min=1, help="Cases in parallel as Ray tasks (1: no Ray)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    src: Annotated[Path, typer.Argument(help="Folder of image/mask NIfTI pairs (images/ + masks/, or X + X_mask).")],
+    out: OutDataset,
+    spacing: Spacing = TARGET_SPACING,
+    split: Split = "1,0,0",
+    workers: Workers = 1,
+    address: Address = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Image/mask NIfTI pairs already converted: reoriented to RAS, resampled when the spacing differs."""
     _run_ingest("nifti", src, out, spacing, split, workers, address, overwrite)

@@ -3,7 +3,7 @@
 Layout of a run folder::
 
     RUN/generator.pt, RUN/generator.json   the exported generator (ctsynth_ray.models.registry)
-    RUN/samples/epoch-XXXX.png             label | generated | real, per epoch (also in MLflow)
+    RUN/samples/epoch-<epoch>.png          label | generated | real, per epoch (also in MLflow)
     RUN/ray/                               Ray Train's storage: checkpoints (every --checkpoint-every steps)
     RUN/mlflow_run.json                    the MLflow run (resumed by --resume)
 """

@@ -5,7 +5,7 @@ Run folder::
     RUN/model.pt, RUN/model.json     the segmenter (state dict + architecture, patch size)
     RUN/pred/<volume_id>.nii.gz      predicted masks of the validation volumes (latest evaluation)
     RUN/metrics.csv                  per-volume scores of the latest evaluation (ctsynth score's columns)
-    RUN/evals/iter-XXXXXXX.csv       every evaluation's scores; RUN/evals/iter-XXXXXXX.png predictions vs truth
+    RUN/evals/iter-<iteration>.csv   every evaluation's scores, and iter-<iteration>.png: predictions vs truth
     RUN/ray/                         Ray Train's checkpoints (one per evaluation)
 """
 
