@@ -428,7 +428,7 @@ def demo(
     out: Path = typer.Option(Path("ctsynth-demo"), help="Folder for every demo output (replaced each run)."),
     n: int = typer.Option(10, min=2, help="Number of phantoms."),
     workers: int = typer.Option(2, min=1, help="Ray tasks in parallel (and Ray Train workers)."),
-    gan_steps: int = typer.Option(100, min=1, help="GAN training steps."),
+    gan_steps: int = typer.Option(80, min=1, help="GAN training steps."),
     seg_iterations: int = typer.Option(80, min=1, help="U-Net training iterations per run."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
 ) -> None:

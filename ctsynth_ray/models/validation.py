@@ -29,7 +29,7 @@ def generate_hu(generate, pairs, indices, chunk: int = 16) -> tuple[np.ndarray, 
     return np.concatenate(fakes), np.concatenate(reals)
 
 
-def validate(generate, pairs, max_items: int = 64) -> dict[str, float]:
+def validate(generate, pairs, max_items: int = 32) -> dict[str, float]:
     """MAE and PSNR (HU), SSIM over up to ``max_items`` held-out pairs; for slice-wise pairs also the
     inter-slice consistency of restacked runs of adjacent slices: ``interslice_generated`` against
     ``interslice_real`` (mean |slice z+1 - slice z| in HU) and their ratio."""
