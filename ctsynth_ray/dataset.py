@@ -311,7 +311,7 @@ def staged_dataset(
     On any exception the staging folder is removed and ``out`` is untouched. An existing non-empty
     ``out`` is an error unless ``overwrite``.
     """
-    out = Path(out)
+    out = Path(out).resolve()  # absolute: Ray workers may run in another working directory
     if out.exists() and not out.is_dir():
         raise CtsynthError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -103,6 +103,12 @@ def parse_spec(text: str) -> TrainSpec:
     return TrainSpec(Path(dataset), split, n)
 
 
+def absolute_spec(text: str) -> str:
+    """The same spec with its dataset path made absolute."""
+    dataset, _, rest = text.partition(":")
+    return str(Path(dataset).resolve()) + (f":{rest}" if rest else "")
+
+
 def select_volumes(specs: list[TrainSpec], seed: int) -> list[tuple[Path, dict]]:
     """(dataset, manifest row) for every volume the specs ask for: volumes with an image, N drawn per spec by
     (seed, spec index). CtsynthError when a spec asks for more volumes than it has."""

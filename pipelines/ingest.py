@@ -65,6 +65,7 @@ def ingest(
 
     The dataset (with ``ingest_report.json``) is written even when some cases fail; a failed case leaves no files.
     """
+    src = Path(src).resolve()  # Ray workers may run in another working directory
     if kind == "lidc":
         cases, problems = find_lidc_cases(src)
     elif kind == "nifti":

@@ -58,6 +58,7 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Label maps into ``dataset``, then the template bank and GAN data into ``out``; returns the description."""
+    dataset = Path(dataset).resolve()  # Ray workers may run in another working directory
     if stack_slices < 1 or stack_slices % 2 == 0:
         raise CtsynthError(f"--stack-slices must be odd and positive, got {stack_slices}")
     rows = write_label_maps(dataset, scheme, workers=workers, address=address, progress=progress)

@@ -36,6 +36,7 @@ def synth_labels(
     """Write ``n`` label volumes to ``out``; returns the manifest rows. Volume i depends only on (seed, i)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    source = Path(source).resolve()  # Ray workers may run in another working directory
     check_sources(source, config.size)
     bank = build_template_bank(source, n_templates, seed) if config.p_nodule > 0 else []
     chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]

@@ -13,13 +13,20 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_FOLDER / 'mlflow.db'}"
 
 
+def absolute_uri(uri: str) -> str:
+    """A sqlite URI with a relative path made absolute (Ray workers run in another working directory)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
 def tracking_setup(uri: str, experiment: str) -> str:
     """Point MLflow at ``uri`` and make ``experiment`` current (created with its artifacts beside a sqlite
     store, not in the working directory); returns the experiment id. Telemetry stays off."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    uri = uri or default_tracking_uri()
+    uri = absolute_uri(uri or default_tracking_uri())
     artifacts = None
     if uri.startswith("sqlite:///"):
         database = Path(uri[len("sqlite:///") :])

@@ -19,6 +19,7 @@ from pathlib import Path
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.gan_data import read_description
 from ctsynth_ray.models.gan import GanConfig
+from ctsynth_ray.pipelines.tracking import absolute_uri, default_tracking_uri
 from ctsynth_ray.pipelines.training import check_run_dir, fit, load_state, report, start_tracked_run
 
 DIMS = {"2": "2d", "2.5": "2p5d", "3": "3d"}
@@ -143,6 +144,9 @@ def train_gan(options: TrainGanOptions, config: GanConfig, *, resume: bool = Fal
     if DIMS[options.dims] not in description["kinds"]:
         raise CtsynthError(f"{options.gandata}: has no {DIMS[options.dims]} pairs (prepare --dims {options.dims})")
     run_dir = check_run_dir(options.run_dir, RAY_RUN_NAME, resume, "generator.json")
-    loop_config = {"options": {**options.__dict__, "run_dir": str(run_dir)}, "gan": config.to_dict()}
+    # Ray Train workers run in another working directory: every path they see is absolute.
+    absolute = {"run_dir": str(run_dir), "gandata": str(Path(options.gandata).resolve()),
+                "tracking_uri": absolute_uri(options.tracking_uri or default_tracking_uri())}  # fmt: skip
+    loop_config = {"options": {**options.__dict__, **absolute}, "gan": config.to_dict()}
     return fit(_train_loop, loop_config, run_dir, RAY_RUN_NAME, workers=options.workers,
                gpus_per_worker=options.gpus_per_worker, address=address)  # fmt: skip

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctsynth_ray.pipelines.tracking import absolute_uri, default_tracking_uri
 from ctsynth_ray.pipelines.training import check_run_dir, fit, load_state, report, start_tracked_run
-from ctsynth_ray.segmentation import parse_spec, select_volumes
+from ctsynth_ray.segmentation import absolute_spec, parse_spec, select_volumes
 
 RAY_RUN_NAME = "train-seg"
 
@@ -212,6 +213,10 @@ def train_seg(options: TrainSegOptions, *, resume: bool = False, address: str | 
     select_volumes([parse_spec(s) for s in options.train], options.seed)
     _val_rows(options.val)
     run_dir = check_run_dir(options.run_dir, RAY_RUN_NAME, resume, "model.pt")
-    return fit(_train_loop, {**options.__dict__, "run_dir": str(run_dir)}, run_dir, RAY_RUN_NAME,
+    # Ray Train workers run in another working directory: every path they see is absolute.
+    absolute = {"run_dir": str(run_dir), "train": tuple(absolute_spec(s) for s in options.train),
+                "val": absolute_spec(options.val),
+                "tracking_uri": absolute_uri(options.tracking_uri or default_tracking_uri())}  # fmt: skip
+    return fit(_train_loop, {**options.__dict__, **absolute}, run_dir, RAY_RUN_NAME,
                workers=options.workers, cpus_per_worker=options.cpus_per_worker,
                gpus_per_worker=options.gpus_per_worker, address=address)  # fmt: skip

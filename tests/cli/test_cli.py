@@ -191,3 +191,15 @@ def test_score_and_compare_from_the_cli(tmp_path):
     (tmp_path / "b" / "v0.nii.gz").unlink()
     bad = runner.invoke(app, ["score", str(tmp_path / "b"), str(tmp_path / "truth"), "--out", str(tmp_path / "x.csv")])
     assert bad.exit_code == 1 and "v0: no v0.nii.gz in" in bad.output and not (tmp_path / "x.csv").exists()
+
+
+def test_relative_paths_reach_ray_train_workers(gan_data, tmp_path, monkeypatch, ray_session):
+    """Ray Train workers run in another working directory: relative GANDATA, --out and sqlite URI still work."""
+    import shutil
+
+    shutil.copytree(gan_data, tmp_path / "gan")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train-gan", "gan", "--out", "run", "--model", "pix2pix", "--batch", "2", "--steps", "1",
+                                 "--unet-width", "8", "--tracking-uri", "sqlite:///rel.db"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "generator.pt").is_file() and (tmp_path / "rel.db").is_file()
