@@ -158,6 +158,16 @@ def write_parquet(path: Path, table: pa.Table) -> None:
         temp.unlink(missing_ok=True)
 
 
+def crop_cube(array: np.ndarray, origin, size: int, fill) -> np.ndarray:
+    """A ``size``^3 cube of ``array`` whose first voxel is ``origin``; parts outside the array are ``fill``."""
+    origin = np.asarray(origin, int)
+    out = np.full((size,) * 3, fill, array.dtype)
+    lo, hi = np.maximum(origin, 0), np.minimum(origin + size, array.shape)
+    if np.all(hi > lo):
+        out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = array[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    return out
+
+
 # ------------------------------------------------------------------------------------------- nodules
 
 

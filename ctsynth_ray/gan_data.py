@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ctsynth_ray.dataset import Volume, write_parquet
+from ctsynth_ray.dataset import Volume, crop_cube, write_parquet
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import Tissue, encode_labels, hu_to_network
 
@@ -43,15 +43,6 @@ def parse_dims(text: str) -> list[str]:
     return kinds
 
 
-def _crop(array: np.ndarray, centre: np.ndarray, size: int, fill) -> np.ndarray:
-    out = np.full((size,) * 3, fill, array.dtype)
-    origin = np.asarray(centre, int) - size // 2
-    lo, hi = np.maximum(origin, 0), np.minimum(origin + size, array.shape)
-    if np.all(hi > lo):
-        out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = array[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    return out
-
-
 def nodule_crops(volume: Volume, size: int, air_label: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(label, hu) crops of ``size``^3 centred on each nodule component (padded with air at borders)."""
     from scipy import ndimage
@@ -59,8 +50,8 @@ def nodule_crops(volume: Volume, size: int, air_label: int) -> list[tuple[np.nda
     labelled, count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
     crops = []
     for centre in ndimage.center_of_mass(volume.mask > 0, labelled, range(1, count + 1)):
-        centre = np.rint(centre).astype(int)
-        crops.append((_crop(volume.label, centre, size, air_label), _crop(volume.hu, centre, size, AIR_HU)))
+        origin = np.rint(centre).astype(int) - size // 2
+        crops.append((crop_cube(volume.label, origin, size, air_label), crop_cube(volume.hu, origin, size, AIR_HU)))
     return crops
 
 

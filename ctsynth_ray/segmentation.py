@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctsynth_ray.dataset import SPLITS, load_volume, read_manifest
+from ctsynth_ray.dataset import SPLITS, crop_cube, load_volume, read_manifest
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import hu_to_network
 from ctsynth_ray.models.networks import conv, conv_transpose, instance_norm
@@ -181,16 +181,9 @@ def sample_patches(rng: np.random.Generator, ct: np.ndarray, mask: np.ndarray, p
                 if not mask[tuple(centre)]:
                     break
         origin = centre - patch // 2
-        cts.append(_window(ct, origin, patch, hu_to_network(np.float32(-1000))))
-        masks.append(_window(mask, origin, patch, 0))
+        cts.append(crop_cube(ct, origin, patch, hu_to_network(np.float32(-1000))))
+        masks.append(crop_cube(mask, origin, patch, 0))
     return np.stack(cts), np.stack(masks)
-
-
-def _window(array: np.ndarray, origin: np.ndarray, size: int, fill) -> np.ndarray:
-    out = np.full((size,) * 3, fill, array.dtype)
-    lo, hi = np.maximum(origin, 0), np.minimum(origin + size, array.shape)
-    out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = array[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    return out
 
 
 def prefetch(make, indices, depth: int = 2):

@@ -25,10 +25,9 @@ def set_local_defaults() -> None:
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
     """Connect to Ray once per process: ``address`` when given, else start a loopback-only local instance.
 
-    An instance this process already joined is reused (tests share one).
+    An instance this process already joined is reused (tests share one). The loopback defaults were set
+    when ``ctsynth_ray.pipelines`` was imported.
     """
-    if address is None:
-        set_local_defaults()
     import ray
 
     if ray.is_initialized():

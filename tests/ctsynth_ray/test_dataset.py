@@ -120,3 +120,13 @@ def test_staged_dataset_leaves_nothing_on_failure_and_refuses_non_empty_out(tmp_
         write_manifest(stage, [write_volume(stage, make_volume("v2"), split="test", source="phantom")])
     assert [r["volume_id"] for r in read_manifest(out)] == ["v2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_crop_cube_pads_outside_the_array():
+    from ctsynth_ray.dataset import crop_cube
+
+    array = np.arange(27, dtype=np.int16).reshape(3, 3, 3)
+    np.testing.assert_array_equal(crop_cube(array, (0, 0, 0), 3, -1), array)
+    cube = crop_cube(array, (-1, 1, 2), 3, -1)
+    assert cube[0].min() == -1 and cube[1, 0, 0] == array[0, 1, 2] and cube[1, 0, 1] == -1
+    assert np.all(crop_cube(array, (5, 5, 5), 2, 7) == 7)
