@@ -1,11 +1,12 @@
-# make setup: an idempotent .venv in the repo root; make demo: the whole chain on phantoms; make test: the suite.
+# make setup: an idempotent .venv in the repo root; make demo: the whole chain on phantoms; make test: the suite;
+# make lint: ruff check + ruff format --check (CI runs it before the tests); make format: fix what ruff can.
 # GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ctsynth-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint format clean
 
 setup: $(STAMP)
 
@@ -20,6 +21,14 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) ctsynth-demo .pytest_cache

@@ -76,7 +76,9 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; 3D U-Net 32-64-128-256, "
           f"batch {args.batch} x {args.patch}^3, bf16")  # fmt: skip
     for name, rate in (("plain step", plain), ("with data (sampler)", loop)):
-        print(f"  {name:<20} {rate:6.2f} steps/s: {GOAL_ITERATIONS} iterations in {GOAL_ITERATIONS / rate / 60:5.0f} min")
+        print(
+            f"  {name:<20} {rate:6.2f} steps/s: {GOAL_ITERATIONS} iterations in {GOAL_ITERATIONS / rate / 60:5.0f} min"
+        )
     print(f"  sliding-window inference of a 512 x 512 x 300 volume: {inference:.1f} s")
 
 

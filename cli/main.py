@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -86,7 +86,7 @@ def phantom(
     seed: int = typer.Option(0, min=0, help="Run seed: volume i depends only on (seed, i)."),
     split: str = typer.Option("0.8,0.1,0.1", help="Train,val,test fractions."),
     workers: int = typer.Option(1, min=1, help="Parallel Ray tasks on a local instance (1: no Ray)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. 127.0.0.1:6379)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (e.g. 127.0.0.1:6379)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Make procedural thoracic CT phantoms with nodules, in the dataset layout."""
@@ -122,7 +122,7 @@ def report_ingest_failures(report) -> None:
 @user_errors
 def inspect(
     dataset: Path = typer.Argument(..., help="Dataset folder (holding manifest.parquet)."),
-    preview: Optional[Path] = typer.Option(None, "--preview", help="Write a PNG montage here."),
+    preview: Path | None = typer.Option(None, "--preview", help="Write a PNG montage here."),
 ) -> None:
     """Summarise a dataset and check it; exit 1 naming each inconsistent volume."""
     from ctsynth_ray.preview import write_preview
@@ -173,7 +173,7 @@ OutDataset = Annotated[Path, typer.Option("--out", help="Dataset folder to creat
 Spacing = Annotated[str, typer.Option(help=SPACING_HELP)]
 Split = Annotated[str, typer.Option(help=SPLIT_HELP)]
 Workers = Annotated[int, typer.Option(min=1, help="Cases in parallel as Ray tasks (1: no Ray).")]
-Address = Annotated[Optional[str], typer.Option(help="Ray cluster address.")]
+Address = Annotated[str | None, typer.Option(help="Ray cluster address.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
 TARGET_SPACING = "0.48828125,0.48828125,1"
 
@@ -209,7 +209,7 @@ def ingest_nifti(
     _run_ingest("nifti", src, out, spacing, split, workers, address, overwrite)
 
 
-def parse_templates(text: str) -> Optional[int]:
+def parse_templates(text: str) -> int | None:
     if text == "all":
         return None
     if not text.isdigit() or int(text) < 1:
@@ -229,7 +229,7 @@ def prepare(
     templates: str = typer.Option("15", help="Nodule templates in the bank (the thesis used 15), or 'all'."),
     seed: int = typer.Option(0, min=0, help="Seed of the template choice."),
     workers: int = typer.Option(1, min=1, help="Volumes in parallel as Ray tasks (1: no Ray)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    address: str | None = typer.Option(None, help="Ray cluster address."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """Label maps of every volume, the nodule template bank, and GAN training data (Parquet shards)."""
@@ -247,7 +247,9 @@ def prepare(
         dataset, out, scheme=scheme, size=size, kinds=kinds, stack_slices=stack_slices,
         n_templates=parse_templates(templates), seed=seed, workers=workers, address=address, overwrite=overwrite,
     )  # fmt: skip
-    counts = "; ".join(f"{part}: " + ", ".join(f"{k} {n}" for k, n in c.items()) for part, c in description["counts"].items())
+    counts = "; ".join(
+        f"{part}: " + ", ".join(f"{k} {n}" for k, n in c.items()) for part, c in description["counts"].items()
+    )
     typer.echo(f"label maps ({scheme}) in {dataset / 'labels'}; {len(description['templates'])} nodule templates")
     typer.echo(f"GAN data in {out}: {counts}")
 
@@ -265,7 +267,7 @@ def synth_labels(
     lung_fraction: float = typer.Option(0.8, min=0.01, max=1.0, help="Share of a pasted nodule that must lie on lung."),
     augment: bool = typer.Option(True, help="Flip, turn and scale (+-20 %) templates before pasting."),
     workers: int = typer.Option(1, min=1, help="Ray tasks in parallel (1: no Ray)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    address: str | None = typer.Option(None, help="Ray cluster address."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
     """New label volumes: random cubes of training volumes with pasted nodule templates."""
@@ -293,7 +295,7 @@ def train_gan(
     epochs: int = typer.Option(100, min=0, help="Epochs at a constant learning rate."),
     decay_epochs: int = typer.Option(100, min=0, help="Epochs of linear decay to 0 after those."),
     batch: int = typer.Option(32, min=1, help="Batch size per worker."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Cap on optimiser steps (smoke runs)."),
+    steps: int | None = typer.Option(None, min=1, help="Cap on optimiser steps (smoke runs)."),
     widths: str = typer.Option("32,64,128", help="ResNet generator widths (CycleGAN)."),
     blocks: int = typer.Option(6, min=0, help="ResNet generator residual blocks (CycleGAN)."),
     unet_width: int = typer.Option(64, min=1, help="U-Net generator base width (pix2pix)."),
@@ -302,9 +304,9 @@ def train_gan(
     workers: int = typer.Option(1, min=1, help="Ray Train workers (data parallel)."),
     gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs per worker (0: CPU, gloo)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its latest checkpoint."),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
     experiment: str = typer.Option("ctsynth-gan", help="MLflow experiment."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    address: str | None = typer.Option(None, help="Ray cluster address."),
 ) -> None:
     """Train a label-map-to-CT GAN on Ray Train, tracked in MLflow; export RUN/generator.pt + generator.json."""
     from ctsynth_ray.models.gan import MODELS, GanConfig
@@ -353,9 +355,9 @@ def train_seg(
     seed: int = typer.Option(0, min=0, help="Seed of the volume draw, patches and weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its latest checkpoint."),
     eval_every: int = typer.Option(500, min=1, help="Iterations between evaluations."),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
     experiment: str = typer.Option("ctsynth-seg", help="MLflow experiment."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    address: str | None = typer.Option(None, help="Ray cluster address."),
 ) -> None:
     """Train the 3D U-Net nodule segmenter on real / synthetic / mixed sets; evaluate on whole real volumes."""
     from ctsynth_ray.pipelines.tracking import default_tracking_uri
@@ -430,17 +432,17 @@ def demo(
     workers: int = typer.Option(2, min=1, help="Ray tasks in parallel (and Ray Train workers)."),
     gan_steps: int = typer.Option(80, min=1, help="GAN training steps."),
     seg_iterations: int = typer.Option(80, min=1, help="U-Net training iterations per run."),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow)."),
 ) -> None:
     """Run the whole chain, as far as it is built, on built-in phantoms; print where every output is."""
     import shutil
 
     from ctsynth_ray.dataset import load_volume, read_manifest
     from ctsynth_ray.ingest.export import export_lidc_case
+    from ctsynth_ray.models.gan import GanConfig
     from ctsynth_ray.pipelines.ingest import ingest
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
     from ctsynth_ray.pipelines.prepare import prepare as run_prepare
-    from ctsynth_ray.models.gan import GanConfig
     from ctsynth_ray.pipelines.synth_labels import synth_labels as run_synth_labels
     from ctsynth_ray.pipelines.tracking import default_tracking_uri
     from ctsynth_ray.pipelines.train_gan import TrainGanOptions
@@ -508,7 +510,9 @@ def demo(
                               experiment="ctsynth-demo", log_every=25)  # fmt: skip
     config = GanConfig(model="pix2pix", batch=4, epochs=100, decay_epochs=100, unet_width=16)
     metrics = run_train_gan(options, config).metrics
-    typer.echo(f"validation: MAE {metrics.get('val_mae_hu', float('nan')):.0f} HU, SSIM {metrics.get('val_ssim', float('nan')):.2f}")
+    typer.echo(
+        f"validation: MAE {metrics.get('val_mae_hu', float('nan')):.0f} HU, SSIM {metrics.get('val_ssim', float('nan')):.2f}"
+    )
     samples = sorted((gan_run / "samples").glob("*.png"))
     outputs += [("generator", gan_run / "generator.pt"), ("generator description", gan_run / "generator.json")]
     outputs += [("GAN samples (last epoch)", samples[-1])] if samples else []

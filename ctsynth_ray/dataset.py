@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-from isal import igzip
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from isal import igzip
 from scipy import ndimage
 
 from ctsynth_ray.errors import CtsynthError
@@ -164,7 +164,9 @@ def crop_cube(array: np.ndarray, origin, size: int, fill) -> np.ndarray:
     out = np.full((size,) * 3, fill, array.dtype)
     lo, hi = np.maximum(origin, 0), np.minimum(origin + size, array.shape)
     if np.all(hi > lo):
-        out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = array[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = array[
+            tuple(slice(a, b) for a, b in zip(lo, hi))
+        ]
     return out
 
 

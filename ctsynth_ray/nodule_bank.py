@@ -53,15 +53,14 @@ def build_template_bank(root: str | Path, n_templates: int | None = 15, seed: in
         if volume.label is None or volume.hu is None:
             raise CtsynthError(f"{row['volume_id']}: needs an image and a label map (run `ctsynth prepare` first)")
         voxel_mm3 = float(np.prod(spacing_from_affine(volume.affine)))
-        labelled, count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
+        labelled, _count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
         for k, box in enumerate(ndimage.find_objects(labelled), start=1):
             component = labelled[box] == k
             diameter = float((6 * component.sum() * voxel_mm3 / np.pi) ** (1 / 3))
             if diameter < MIN_DIAMETER_MM:
                 continue
             grown = tuple(
-                slice(max(s.start - MARGIN_VOX, 0), min(s.stop + MARGIN_VOX, n))
-                for s, n in zip(box, volume.mask.shape)
+                slice(max(s.start - MARGIN_VOX, 0), min(s.stop + MARGIN_VOX, n)) for s, n in zip(box, volume.mask.shape)
             )
             candidates.append(
                 NoduleTemplate(
@@ -74,7 +73,9 @@ def build_template_bank(root: str | Path, n_templates: int | None = 15, seed: in
                 )
             )
     if not candidates:
-        raise CtsynthError(f"{root}: no nodule >= {MIN_DIAMETER_MM:g} mm in the train split (the template bank is empty)")
+        raise CtsynthError(
+            f"{root}: no nodule >= {MIN_DIAMETER_MM:g} mm in the train split (the template bank is empty)"
+        )
     if n_templates is None or n_templates >= len(candidates):
         return candidates
     chosen = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,))).choice(
@@ -131,4 +132,3 @@ def load_bank(path: str | Path) -> list[NoduleTemplate]:
             )
         )
     return bank
-

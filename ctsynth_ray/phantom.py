@@ -246,7 +246,7 @@ def make_phantom(seed: int, index: int, config: PhantomConfig | None = None) -> 
     carina = a.world(0.0, -0.18, t_carina)
     airways.add(a.world(0.0, -0.18, 1.05), carina, a.mm(9))
     hila = {side: a.world(side * 0.32, -0.1, t_carina - 0.12) for side in (-1, 1)}
-    for side, hilum in hila.items():
+    for hilum in hila.values():
         airways.add(carina, hilum, a.mm(6.5))
 
     # 6. Pulmonary vessels: trees from each hilum into the lung, as partial-volume tubes.
@@ -329,7 +329,7 @@ def make_phantom(seed: int, index: int, config: PhantomConfig | None = None) -> 
     paint(np.broadcast_to(body_v, shape) & disc, "disc")
     paint(canal, "csf")
     # Cortical shell: bone voxels within ~1 mm of the bone surface; marrow inside.
-    cortex_vox = max(1, int(round(a.mm(1.5) / a.spacing[0])))
+    cortex_vox = max(1, round(a.mm(1.5) / a.spacing[0]))
     marrow = ndimage.binary_erosion(bone, iterations=cortex_vox)
     paint(bone, "cortical_bone", 40 * soft_texture)
     paint(marrow, "marrow", 25 * soft_texture)

@@ -64,9 +64,9 @@ def write_preview(root: str | Path, png: str | Path, max_volumes: int = 4) -> Pa
         if mask.any():
             labelled, count = ndimage.label(mask)
             largest = 1 + int(np.argmax(ndimage.sum_labels(mask, labelled, range(1, count + 1))))
-            x, y, z = np.round(ndimage.center_of_mass(labelled == largest)).astype(int)
+            _, y, z = np.round(ndimage.center_of_mass(labelled == largest)).astype(int)
         else:
-            x, y, z = (s // 2 for s in mask.shape)
+            _, y, z = (s // 2 for s in mask.shape)
         panels = []
         if row.get("image"):
             hu = _canonical(root / row["image"])[0].astype(np.float32)
@@ -76,7 +76,9 @@ def write_preview(root: str | Path, png: str | Path, max_volumes: int = 4) -> Pa
             panels += [None, None]
         if row.get("label"):
             label = _canonical(root / row["label"])[0]
-            panels.append(("label", _axial(label, z), None, spacing[1] / spacing[0], f"{row['volume_id']}  labels z={z}"))
+            panels.append(
+                ("label", _axial(label, z), None, spacing[1] / spacing[0], f"{row['volume_id']}  labels z={z}")
+            )
         for ax, panel in zip(ax_row, panels):
             if panel is None:
                 continue

@@ -114,7 +114,9 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, dict]:
                 raise CtsynthError(f"{path}: line {line}: duplicate volume_id {vid!r}")
             present = (raw["nodule_present"] or "").strip().lower()
             if present not in _TRUE | _FALSE:
-                raise CtsynthError(f"{path}: line {line}: nodule_present {raw['nodule_present']!r} is not true/false, yes/no or 1/0")
+                raise CtsynthError(
+                    f"{path}: line {line}: nodule_present {raw['nodule_present']!r} is not true/false, yes/no or 1/0"
+                )
             row = {"volume_id": vid, "nodule_present": present in _TRUE}
             for metric in COMPARED:
                 text = (raw[metric] or "").strip()
@@ -178,5 +180,7 @@ def format_comparison(result: dict) -> str:
             tail = f"{m['p_value']:>11.4f}{m['wilcoxon_p']:>12.4f}" if side == "candidate" else ""
             interval = "[{:.3f}, {:.3f}]".format(*d["ci95"])
             name = metric if side == "baseline" else ""
-            lines.append(f"{name:<12}{side:<11}{d['median']:>8.3f}{d['mean']:>8.3f}{d['std']:>8.3f}{interval:>20}{tail}")
+            lines.append(
+                f"{name:<12}{side:<11}{d['median']:>8.3f}{d['mean']:>8.3f}{d['std']:>8.3f}{interval:>20}{tail}"
+            )
     return "\n".join(lines)

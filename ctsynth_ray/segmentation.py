@@ -7,6 +7,7 @@ drawn reproducibly by the seed when given (``real:test:n=59``, ``synth:n=590``).
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from collections import OrderedDict
@@ -46,8 +47,8 @@ class UNet(nn.Module):
 
         self.pool = nn.MaxPool3d(2) if spatial_dims == 3 else nn.MaxPool2d(2)
         self.down = nn.ModuleList([double(in_channels, features[0])])
-        self.down.extend(double(a, b) for a, b in zip(features[:-1], features[1:]))
-        self.up = nn.ModuleList(ConvT(b, a, 2, stride=2) for a, b in zip(features[:-1], features[1:]))
+        self.down.extend(double(a, b) for a, b in itertools.pairwise(features))
+        self.up = nn.ModuleList(ConvT(b, a, 2, stride=2) for a, b in itertools.pairwise(features))
         self.merge = nn.ModuleList(double(2 * a, a) for a in features[:-1])
         self.head = Conv(features[0], out_channels, 1)
         self.levels = len(features)
@@ -114,9 +115,15 @@ def select_volumes(specs: list[TrainSpec], seed: int) -> list[tuple[Path, dict]]
     (seed, spec index). CtsynthError when a spec asks for more volumes than it has."""
     chosen = []
     for k, spec in enumerate(specs):
-        rows = [r for r in read_manifest(spec.dataset) if r.get("image") and (spec.split is None or r["split"] == spec.split)]
+        rows = [
+            r
+            for r in read_manifest(spec.dataset)
+            if r.get("image") and (spec.split is None or r["split"] == spec.split)
+        ]
         if not rows:
-            raise CtsynthError(f"{spec.dataset}: no volume with an image{f' in split {spec.split}' if spec.split else ''}")
+            raise CtsynthError(
+                f"{spec.dataset}: no volume with an image{f' in split {spec.split}' if spec.split else ''}"
+            )
         if spec.n is not None:
             if spec.n > len(rows):
                 raise CtsynthError(f"{spec.dataset}: asked for n={spec.n} but it has {len(rows)} volume(s)"
@@ -245,7 +252,9 @@ def segment(model: nn.Module, ct: np.ndarray, patch: int, device="cpu", overlap:
 
     @torch.no_grad()
     def predict(windows: torch.Tensor) -> np.ndarray:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        with torch.autocast(
+            torch.device(device).type, dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"
+        ):
             return torch.softmax(model(windows.to(device)).float(), 1).cpu().numpy()
 
     try:

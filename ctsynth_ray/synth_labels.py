@@ -88,7 +88,9 @@ def check_sources(root: str | Path, size: int) -> list[dict]:
     every train volume."""
     rows = train_rows(root)
     if not all(r.get("label") for r in rows):
-        raise CtsynthError(f"{root}: the train split has volumes without label maps (run `ctsynth prepare {root}` first)")
+        raise CtsynthError(
+            f"{root}: the train split has volumes without label maps (run `ctsynth prepare {root}` first)"
+        )
     fitting = [r for r in rows if min(r["shape_x"], r["shape_y"], r["shape_z"]) >= size]
     if not fitting:
         largest = max(rows, key=lambda r: min(r["shape_x"], r["shape_y"], r["shape_z"]))

@@ -88,7 +88,9 @@ def prepare(
             "stack_slices": stack_slices,
             "hu_scale": 2000.0,
             "counts": totals,
-            "volumes": {part: [r["volume_id"] for r in chosen if parts[r["split"]] == part] for part in ("train", "val")},
+            "volumes": {
+                part: [r["volume_id"] for r in chosen if parts[r["split"]] == part] for part in ("train", "val")
+            },
             "templates": [{"template_id": t.template_id, "diameter_mm": round(t.diameter_mm, 2)} for t in bank],
         }
         (stage / DESCRIPTION).write_text(json.dumps(description, indent=2))

@@ -16,7 +16,7 @@ def default_tracking_uri() -> str:
 def absolute_uri(uri: str) -> str:
     """A sqlite URI with a relative path made absolute (Ray workers run in another working directory)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 

@@ -78,7 +78,9 @@ def _train_loop(loop_config: dict) -> None:
     config = dataclasses.replace(config, unet_downs=min(config.unet_downs, int(math.log2(description["size"]))))
     steps_per_epoch = len(epoch_batches(len(train), config.batch, 0, config.seed, rank, world))
     if steps_per_epoch == 0:
-        raise CtsynthError(f"{options.gandata}: {len(train)} training pairs are fewer than one batch of {config.batch} per worker")
+        raise CtsynthError(
+            f"{options.gandata}: {len(train)} training pairs are fewer than one batch of {config.batch} per worker"
+        )
     trainer = GanTrainer(config, spatial_dims, label_channels, 1, steps_per_epoch, device)
     state = load_state(device)
     if state is not None:

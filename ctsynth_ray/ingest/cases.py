@@ -95,7 +95,11 @@ def find_lidc_cases(src: str | os.PathLike) -> tuple[list[LidcCase], list[dict]]
     for reading in readings:
         if reading.series_uid not in known:
             problems.append(
-                error(reading.path.stem, reading.path, f"no DICOM series with SeriesInstanceUID {reading.series_uid} in {src}")
+                error(
+                    reading.path.stem,
+                    reading.path,
+                    f"no DICOM series with SeriesInstanceUID {reading.series_uid} in {src}",
+                )
             )
     return cases, problems
 
@@ -199,7 +203,9 @@ def find_nifti_cases(src: str | os.PathLike) -> tuple[list[NiftiCase], list[dict
         base = image.parent.parent if image.parent.name == "images" else image.parent
         mask = masks.get((base, stem)) or masks.get((image.parent, stem))
         if mask is None:
-            problems.append(error(stem, image, f"no mask: expected {base / 'masks' / image.name} or {stem}_mask.nii.gz"))
+            problems.append(
+                error(stem, image, f"no mask: expected {base / 'masks' / image.name} or {stem}_mask.nii.gz")
+            )
             continue
         cases.append(NiftiCase(safe_id(stem), image, mask))
     return cases, problems
@@ -225,7 +231,9 @@ def ingest_nifti_case(
             hu, mask = clean_hu(data), marked.astype(np.uint8)
         else:
             hu = clean_hu(resample_linear(data, source_spacing, spacing_mm))
-            mask = resample_mask(marked, source_spacing, spacing_mm, target_shape(data.shape, source_spacing, spacing_mm))
+            mask = resample_mask(
+                marked, source_spacing, spacing_mm, target_shape(data.shape, source_spacing, spacing_mm)
+            )
         affine = _rescaled_affine(image.affine, spacing_mm)
         result.row = write_volume(
             root, Volume(case.volume_id, hu, mask, affine), split=split, source="nifti",

@@ -104,7 +104,10 @@ def parse_lidc_xml(path: str | Path) -> LidcReading | None:
             rois = []
             for roi in _children(nodule, "roi"):
                 points = np.array(
-                    [[int(float(_text(e, "xCoord"))), int(float(_text(e, "yCoord")))] for e in _children(roi, "edgeMap")],
+                    [
+                        [int(float(_text(e, "xCoord"))), int(float(_text(e, "yCoord")))]
+                        for e in _children(roi, "edgeMap")
+                    ],
                     dtype=int,
                 ).reshape(-1, 2)
                 z_text = _text(roi, "imageZposition")

@@ -55,7 +55,9 @@ class GanConfig:
         if self.gan_mode not in GAN_MODES:
             raise ValueError(f"gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
         if self.epochs < 0 or self.decay_epochs < 0 or self.epochs + self.decay_epochs < 1:
-            raise ValueError(f"epochs and decay_epochs must be >= 0 with a positive sum, got {self.epochs}, {self.decay_epochs}")
+            raise ValueError(
+                f"epochs and decay_epochs must be >= 0 with a positive sum, got {self.epochs}, {self.decay_epochs}"
+            )
         if self.batch < 1:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
         if self.lr <= 0:
@@ -178,8 +180,12 @@ class GanTrainer:
                                                        config.discriminator_width)).to(self.device)  # fmt: skip
             self.generators, self.discriminators = [self.G_A], [self.D_A]
         betas = (config.beta1, config.beta2)
-        self.optimizer_G = torch.optim.Adam([p for g in self.generators for p in g.parameters()], config.lr, betas=betas)
-        self.optimizer_D = torch.optim.Adam([p for d in self.discriminators for p in d.parameters()], config.lr, betas=betas)
+        self.optimizer_G = torch.optim.Adam(
+            [p for g in self.generators for p in g.parameters()], config.lr, betas=betas
+        )
+        self.optimizer_D = torch.optim.Adam(
+            [p for d in self.discriminators for p in d.parameters()], config.lr, betas=betas
+        )
         self.pool_fake_ct = ImagePool(config.pool_size, config.seed * 2 + 1)
         self.pool_fake_label = ImagePool(config.pool_size, config.seed * 2 + 2)
         self.criterion_gan = GANLoss(config.gan_mode).to(self.device)
@@ -209,10 +215,12 @@ class GanTrainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         real_A = label.to(self.device, memory_format=self.memory_format)
-        real_B = (ct if ct_unpaired is None or self.config.model == "pix2pix" else ct_unpaired)
+        real_B = ct if ct_unpaired is None or self.config.model == "pix2pix" else ct_unpaired
         real_B = real_B.to(self.device, memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            losses = self._cyclegan(real_A, real_B) if self.config.model == "cyclegan" else self._pix2pix(real_A, real_B)
+            losses = (
+                self._cyclegan(real_A, real_B) if self.config.model == "cyclegan" else self._pix2pix(real_A, real_B)
+            )
         self.step += 1
         return {**losses, "lr": lr}
 
@@ -265,7 +273,9 @@ class GanTrainer:
         _set_requires_grad(self.discriminators, True)
         self.optimizer_D.zero_grad(set_to_none=True)
         fake_pair = self.pool_fake_ct.query(torch.cat([real_A, fake_B.float()], 1))
-        loss_D = 0.5 * (self._gan(self.D_A, torch.cat([real_A, real_B], 1), True) + self._gan(self.D_A, fake_pair, False))
+        loss_D = 0.5 * (
+            self._gan(self.D_A, torch.cat([real_A, real_B], 1), True) + self._gan(self.D_A, fake_pair, False)
+        )
         loss_D.backward()
         average_gradients(self.discriminators)
         self.optimizer_D.step()

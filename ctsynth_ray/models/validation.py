@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def validate(generate, pairs, max_items: int = 32) -> dict[str, float]:
         gen_diffs, real_diffs = [], []
         for members in runs.values():
             members.sort()
-            for (z0, a), (z1, b) in zip(members, members[1:]):
+            for (z0, a), (z1, b) in itertools.pairwise(members):
                 if z1 == z0 + 1:
                     gen_diffs.append(interslice_difference(np.stack([fake[a], fake[b]], axis=2)))
                     real_diffs.append(interslice_difference(np.stack([real[a], real[b]], axis=2)))
@@ -72,7 +73,11 @@ def write_sample_grid(path: str | Path, generate, pairs, n: int = 4) -> Path:
         label = pairs.labels[k]
         label = label[label.shape[0] // 2] if label.ndim == 3 and fake.ndim == 3 else label
         if label.ndim == 3:  # 3D: show the centre axial slice of everything
-            label, f, r = label[:, :, label.shape[2] // 2], fake[row][:, :, label.shape[2] // 2], real[row][:, :, label.shape[2] // 2]
+            label, f, r = (
+                label[:, :, label.shape[2] // 2],
+                fake[row][:, :, label.shape[2] // 2],
+                real[row][:, :, label.shape[2] // 2],
+            )
         else:
             f, r = fake[row], real[row]
         for ax, image, title, kwargs in (

@@ -140,7 +140,9 @@ def test_synth_labels_errors(labelled_dataset, tmp_path, args, message):
 
 
 def test_synth_labels_without_label_maps_says_to_prepare(copy_dataset, tmp_path):
-    result = runner.invoke(app, ["synth-labels", "--n", "2", "--source", str(copy_dataset()), "--out", str(tmp_path / "x")])
+    result = runner.invoke(
+        app, ["synth-labels", "--n", "2", "--source", str(copy_dataset()), "--out", str(tmp_path / "x")]
+    )
     assert result.exit_code == 1 and "run `ctsynth prepare" in result.output
 
 
@@ -177,7 +179,9 @@ def test_score_and_compare_from_the_cli(tmp_path):
         write_nifti(tmp_path / "a" / f"v{k}.nii.gz", pred, affine)
         write_nifti(tmp_path / "b" / f"v{k}.nii.gz", truth, affine)
     for name in ("a", "b"):
-        result = runner.invoke(app, ["score", str(tmp_path / name), str(tmp_path / "truth"), "--out", str(tmp_path / f"{name}.csv")])
+        result = runner.invoke(
+            app, ["score", str(tmp_path / name), str(tmp_path / "truth"), "--out", str(tmp_path / f"{name}.csv")]
+        )
         assert result.exit_code == 0 and "scored 3 volume(s)" in result.output
     result = runner.invoke(app, ["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--json"])
     assert result.exit_code == 0, result.output

@@ -48,9 +48,9 @@ def test_centred_affine_puts_the_grid_centre_at_the_origin():
 def test_read_nifti_names_the_file_for_damaged_input(tmp_path):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not a nifti")
-    with pytest.raises(CtsynthError, match="bad.nii.gz: not a readable NIfTI"):
+    with pytest.raises(CtsynthError, match=r"bad\.nii\.gz: not a readable NIfTI"):
         read_nifti(bad)
-    with pytest.raises(CtsynthError, match="missing.nii.gz: file not found"):
+    with pytest.raises(CtsynthError, match=r"missing\.nii\.gz: file not found"):
         read_nifti(tmp_path / "missing.nii.gz")
 
 
@@ -105,17 +105,15 @@ def test_measure_nodules_centroid_in_world_mm_and_equal_volume_diameter():
 
 def test_staged_dataset_leaves_nothing_on_failure_and_refuses_non_empty_out(tmp_path):
     out = tmp_path / "ds"
-    with pytest.raises(RuntimeError):
-        with staged_dataset(out) as stage:
-            write_volume(stage, make_volume(), split="train", source="phantom")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), staged_dataset(out) as stage:
+        write_volume(stage, make_volume(), split="train", source="phantom")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with staged_dataset(out) as stage:
         write_manifest(stage, [write_volume(stage, make_volume(), split="train", source="phantom")])
     assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.parquet", "masks"]
-    with pytest.raises(CtsynthError, match="already exists and is not empty"):
-        with staged_dataset(out):
-            pass
+    with pytest.raises(CtsynthError, match="already exists and is not empty"), staged_dataset(out):
+        pass
     with staged_dataset(out, overwrite=True) as stage:
         write_manifest(stage, [write_volume(stage, make_volume("v2"), split="test", source="phantom")])
     assert [r["volume_id"] for r in read_manifest(out)] == ["v2"]

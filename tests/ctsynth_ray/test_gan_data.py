@@ -3,13 +3,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctsynth_ray.dataset import load_volume, read_manifest
-from ctsynth_ray.gan_data import GanPairs, parse_dims, pairs_from_crop, write_volume_shards
+from ctsynth_ray.gan_data import GanPairs, pairs_from_crop, parse_dims, write_volume_shards
 from ctsynth_ray.labels import Tissue
 
 
 def test_parse_dims():
     assert parse_dims("2,2.5,3") == ["2d", "2p5d", "3d"]
-    with pytest.raises(ValueError, match="dims must be from 2, 2.5, 3"):
+    with pytest.raises(ValueError, match=r"dims must be from 2, 2\.5, 3"):
         parse_dims("2,4")
 
 
@@ -20,7 +20,7 @@ def test_pairs_come_from_nodule_slices_and_stacks_are_centred():
     label[:, :, 1] = Tissue.FAT
     pairs = list(pairs_from_crop(label, hu, "2d", 3, Tissue.OTHER))
     assert [z for z, *_ in pairs] == [2, 3]
-    z, stack, target = list(pairs_from_crop(label, hu, "2p5d", 3, Tissue.OTHER))[0]
+    _z, stack, target = next(iter(pairs_from_crop(label, hu, "2p5d", 3, Tissue.OTHER)))
     assert stack.shape == (3, 8, 8) and np.all(stack[0] == Tissue.FAT)  # slice z-1 first
     np.testing.assert_array_equal(target, hu[:, :, 2])
     ((z3, crop, _),) = list(pairs_from_crop(label, hu, "3d", 3, Tissue.OTHER))
@@ -41,6 +41,6 @@ def test_shards_have_tensor_columns_and_the_loader_encodes(labelled_dataset, tmp
     label, ct = pairs[0]
     assert tuple(label.shape) == (7 * 3, 32, 32) and tuple(ct.shape) == (1, 32, 32)
     assert float(label.sum()) == 3 * 32 * 32  # one-hot: one class per voxel and slice
-    assert -0.52 <= float(ct.min()) and float(ct.max()) < 2  # HU / 2000
+    assert float(ct.min()) >= -0.52 and float(ct.max()) < 2  # HU / 2000
     scalar, _ = GanPairs(tmp_path, "train", "3d")[0]
     assert tuple(scalar.shape) == (1, 32, 32, 32)

@@ -41,7 +41,7 @@ def test_score_folders_and_csv_round_trip(tmp_path):
     write_nifti(tmp_path / "pred" / "b.nii.gz", np.zeros((4, 4, 4), np.uint8), affine)
     write_nifti(tmp_path / "truth" / "b.nii.gz", np.zeros((4, 4, 4), np.uint8), affine)
     rows = score_folders(tmp_path / "pred", tmp_path / "truth")
-    assert [r["dice"] for r in rows][0] == 1.0 and math.isnan(rows[1]["dice"])
+    assert next(r["dice"] for r in rows) == 1.0 and math.isnan(rows[1]["dice"])
     csv = write_scores_csv(tmp_path / "s.csv", rows)
     text = csv.read_text().splitlines()
     assert text[0] == "volume_id,sensitivity,accuracy,dice,f2,nodule_present,tp,fp,fn,tn"
@@ -53,10 +53,10 @@ def test_score_folders_and_csv_round_trip(tmp_path):
 def test_mismatched_grids_and_missing_counterparts_name_the_volume(tmp_path):
     write_nifti(tmp_path / "pred" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
     write_nifti(tmp_path / "truth" / "a.nii.gz", np.zeros((4, 4, 5), np.uint8), np.eye(4))
-    with pytest.raises(CtsynthError, match="^a: prediction grid"):
+    with pytest.raises(CtsynthError, match=r"^a: prediction grid"):
         score_folders(tmp_path / "pred", tmp_path / "truth")
     write_nifti(tmp_path / "truth" / "c.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
-    with pytest.raises(CtsynthError, match="^c: no c.nii.gz in"):
+    with pytest.raises(CtsynthError, match=r"^c: no c\.nii\.gz in"):
         score_folders(tmp_path / "pred", tmp_path / "truth")
 
 

@@ -22,7 +22,9 @@ def test_volume_i_does_not_depend_on_n(tmp_path, small_phantom_config, phantom_d
     make_phantom_dataset(out, 2, config=small_phantom_config, seed=7, progress=False)
     row = read_manifest(out)[1]
     reference = next(r for r in read_manifest(phantom_dataset) if r["volume_id"] == row["volume_id"])
-    np.testing.assert_array_equal(read_nifti(out / row["image"])[0], read_nifti(phantom_dataset / reference["image"])[0])
+    np.testing.assert_array_equal(
+        read_nifti(out / row["image"])[0], read_nifti(phantom_dataset / reference["image"])[0]
+    )
 
 
 def test_manifest_records_the_phantom_provenance(phantom_dataset):

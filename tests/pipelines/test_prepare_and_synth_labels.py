@@ -34,5 +34,7 @@ def test_synth_labels_is_independent_of_worker_count(labelled_dataset, tmp_path,
     for a, b in zip(one, two):
         assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
         for column in ("label", "mask"):
-            np.testing.assert_array_equal(read_nifti(tmp_path / "one" / a[column])[0], read_nifti(tmp_path / "two" / b[column])[0])
+            np.testing.assert_array_equal(
+                read_nifti(tmp_path / "one" / a[column])[0], read_nifti(tmp_path / "two" / b[column])[0]
+            )
     assert all(r["image"] is None and r["source"] == "synthetic" for r in one)

@@ -46,5 +46,5 @@ def test_resume_without_checkpoint_and_missing_dims_are_clear_errors(gan_data, t
     options = TrainGanOptions(gandata=str(gan_data), run_dir=str(tmp_path / "run"), steps=2)
     with pytest.raises(CtsynthError, match="no checkpoint to resume from"):
         train_gan(options, SMALL, resume=True)
-    with pytest.raises(CtsynthError, match="gan_data.json: not found"):
+    with pytest.raises(CtsynthError, match=r"gan_data\.json: not found"):
         train_gan(TrainGanOptions(gandata=str(tmp_path), run_dir=str(tmp_path / "r")), SMALL)

@@ -19,7 +19,7 @@ def lidc_case(test_data, tmp_path_factory):
     assert report.ok, report.failed
     (row,) = read_manifest(out)
     hu, affine = read_nifti(out / row["image"])
-    mask, mask_affine = read_nifti(out / row["mask"])
+    mask, _mask_affine = read_nifti(out / row["mask"])
     return src, row, hu, affine, mask
 
 
@@ -49,14 +49,21 @@ def test_hu_range(lidc_case):
     corner = hu[:40, :40, :]  # outside the scan field: was -2048 HU, now air
     assert np.all(corner == -1000)
     sample = hu[::4, ::4, ::4]
-    lung, soft, bone = ((sample > -950) & (sample < -700)).mean(), ((sample > 0) & (sample < 100)).mean(), (sample > 500).mean()
+    lung, soft, bone = (
+        ((sample > -950) & (sample < -700)).mean(),
+        ((sample > 0) & (sample < 100)).mean(),
+        (sample > 500).mean(),
+    )
     assert lung > 0.05 and soft > 0.05 and 0.001 < bone < 0.05, (lung, soft, bone)
 
 
 def test_consensus_mask_sits_where_the_readers_drew(lidc_case):
     src, row, _, affine, mask = lidc_case
     reading = parse_lidc_xml(src / "069.xml")
-    headers = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in (src / "dicom").glob("*.dcm"))}
+    headers = {
+        str(d.SOPInstanceUID): d
+        for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in (src / "dicom").glob("*.dcm"))
+    }
     points = []  # every reader's outline point of a nodule >= 3 mm, in RAS mm
     for nodule in reading.nodules:
         for roi in nodule.rois:

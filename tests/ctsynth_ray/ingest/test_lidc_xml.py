@@ -41,7 +41,7 @@ def test_parse_keeps_contoured_nodules_only(test_data):
 def test_malformed_xml_names_the_file(tmp_path):
     bad = tmp_path / "bad.xml"
     bad.write_text("<LidcReadMessage><unclosed>")
-    with pytest.raises(CtsynthError, match="bad.xml: not readable XML"):
+    with pytest.raises(CtsynthError, match=r"bad\.xml: not readable XML"):
         parse_lidc_xml(bad)
 
 
@@ -64,7 +64,7 @@ def test_grouping_links_overlapping_readers_and_counts_votes():
     ]
     groups = group_annotations(annotations, (1, 1, 1))
     assert sorted(map(sorted, groups)) == [[0, 1, 2], [3]]
-    (mask, readers), = consensus_masks(annotations, groups, (64, 8, 4), min_readers=3)
+    ((mask, readers),) = consensus_masks(annotations, groups, (64, 8, 4), min_readers=3)
     assert readers == 3
     # voxels of x 11..14 are marked by >= 2 of 3 readers; x 10 and 15 by one.
     assert sorted(set(np.argwhere(mask)[:, 0].tolist())) == [11, 12, 13, 14]

@@ -31,9 +31,10 @@ def test_nifti_pair_is_reoriented_resampled_and_cleaned(chest_pair, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), (0.48828125, 0.48828125, 1.0))
     assert hu.dtype == np.int16 and hu.min() >= -1024 and hu.max() <= 1900  # 3343 HU of the source became 50
     # The sphere's centre stays where it was in world (RAS) coordinates.
-    world_before = nib.as_closest_canonical(image).affine @ np.r_[
-        np.linalg.solve(nib.as_closest_canonical(image).affine, image.affine @ np.r_[centre, 1])[:3], 1
-    ]
+    world_before = (
+        nib.as_closest_canonical(image).affine
+        @ np.r_[np.linalg.solve(nib.as_closest_canonical(image).affine, image.affine @ np.r_[centre, 1])[:3], 1]
+    )
     centroid = np.array([row["nodules"][0][f"center_{a}_mm"] for a in "xyz"])
     np.testing.assert_allclose(centroid, world_before[:3], atol=1.0)
     assert row["nodules"][0]["volume_mm3"] == pytest.approx(mask.sum() * 0.48828125**2, rel=1e-6)
