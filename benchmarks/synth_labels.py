@@ -18,7 +18,10 @@ from ctsynth_ray.dataset import write_volume
 from ctsynth_ray.nodule_bank import build_template_bank
 from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
 from ctsynth_ray.pipelines.prepare import write_label_maps
+from ctsynth_ray.pipelines.runtime import RayOptions
 from ctsynth_ray.synth_labels import SourceCache, SynthLabelConfig, check_sources, make_label_volume
+
+QUIET = RayOptions(progress=False)
 
 TARGET_PER_CORE = 20.0
 
@@ -30,8 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "phantoms"
-        make_phantom_dataset(source, 6, seed=0, split_fractions=(1.0, 0.0, 0.0), progress=False)
-        write_label_maps(source, "body", progress=False)
+        make_phantom_dataset(source, 6, seed=0, split_fractions=(1.0, 0.0, 0.0), ray_options=QUIET)
+        write_label_maps(source, "body", QUIET)
         config = SynthLabelConfig(size=args.size)
         cache = SourceCache(source, check_sources(source, config.size))
         bank = build_template_bank(source, 15)

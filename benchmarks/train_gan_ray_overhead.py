@@ -22,7 +22,10 @@ from ctsynth_ray.models.gan import GanConfig, GanTrainer, epoch_batches
 from ctsynth_ray.models.validation import batch
 from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
 from ctsynth_ray.pipelines.prepare import prepare
+from ctsynth_ray.pipelines.runtime import RayOptions
 from ctsynth_ray.pipelines.train_gan import TrainGanOptions, train_gan
+
+QUIET = RayOptions(progress=False)
 
 
 def plain_loop(gandata: Path, config: GanConfig, steps: int) -> float:
@@ -49,8 +52,8 @@ def main() -> None:
     config = GanConfig(model="cyclegan", batch=args.batch, epochs=100, decay_epochs=100)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_phantom_dataset(tmp / "ds", 6, seed=0, split_fractions=(1.0, 0.0, 0.0), progress=False)
-        prepare(tmp / "ds", tmp / "gan", kinds=["2d"], progress=False)
+        make_phantom_dataset(tmp / "ds", 6, seed=0, split_fractions=(1.0, 0.0, 0.0), ray_options=QUIET)
+        prepare(tmp / "ds", tmp / "gan", kinds=["2d"], ray_options=QUIET)
         plain = plain_loop(tmp / "gan", config, args.steps)
         options = TrainGanOptions(gandata=str(tmp / "gan"), run_dir=str(tmp / "run"), steps=args.steps,
                                   checkpoint_every=args.steps, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",

@@ -1,5 +1,8 @@
 """GAN training data: nodule-centred crops of label maps and CT, as 2D pairs, 2.5D stacks and 3D crops.
 
+One crop per volume by default, centred on its largest nodule, as the thesis (``crops="one"``);
+``crops="per-nodule"`` cuts one around every nodule.
+
 Written as Parquet shards with Arrow fixed-shape tensor columns, one shard per volume and kind, readable
 by Ray Data (``ray.data.read_parquet``) and by :class:`GanPairs`, a plain PyTorch dataset::
 
@@ -9,8 +12,8 @@ by Ray Data (``ray.data.read_parquet``) and by :class:`GanPairs`, a plain PyTorc
     GANDATA/val/<kind>-<volume>.parquet     held-out pairs from the test split, for validation metrics
 
 Kinds: ``2d`` (label slice -> CT slice), ``2p5d`` (k neighbouring label slices -> centre CT slice) and ``3d``
-(label crop -> CT crop). Every shard has ``volume_id``, ``z`` (slice index in the crop; -1 for 3D), ``label``
-(uint8) and ``hu`` (int16). Labels and HU are stored raw; :class:`GanPairs` encodes them for a network with
+(label crop -> CT crop). Every shard has ``volume_id``, ``crop`` (the crop's number in its volume), ``z`` (slice
+index in the crop; -1 for 3D), ``label`` (uint8) and ``hu`` (int16). Labels and HU are stored raw; :class:`GanPairs` encodes them for a network with
 the one shared encoder (:mod:`ctsynth_ray.labels`: label / 3 - 1 or one-hot, HU / 2000).
 """
 
@@ -25,11 +28,11 @@ import pyarrow.parquet as pq
 
 from ctsynth_ray.dataset import Volume, crop_cube, write_parquet
 from ctsynth_ray.errors import CtsynthError
-from ctsynth_ray.labels import Tissue, encode_labels, hu_to_network
+from ctsynth_ray.labels import AIR_HU, Tissue, encode_labels, hu_to_network
 
 KINDS = {"2": "2d", "2.5": "2p5d", "3": "3d"}
+CROPS = ("one", "per-nodule")
 DESCRIPTION = "gan_data.json"
-AIR_HU = -1000
 
 
 def parse_dims(text: str) -> list[str]:
@@ -43,16 +46,25 @@ def parse_dims(text: str) -> list[str]:
     return kinds
 
 
-def nodule_crops(volume: Volume, size: int, air_label: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(label, hu) crops of ``size``^3 centred on each nodule component (padded with air at borders)."""
+def nodule_crops(volume: Volume, size: int, air_label: int, crops: str = "one") -> list[tuple[np.ndarray, np.ndarray]]:
+    """(label, hu) crops of ``size``^3 (padded with air at borders): ``one`` centred on the largest nodule
+    component, or ``per-nodule`` one centred on each component, largest first."""
     from scipy import ndimage
 
+    if crops not in CROPS:
+        raise ValueError(f"crops must be one of {CROPS}, got {crops!r}")
     labelled, count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
-    crops = []
-    for centre in ndimage.center_of_mass(volume.mask > 0, labelled, range(1, count + 1)):
+    if count == 0:
+        return []
+    components = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(np.ones(labelled.shape, np.uint8), labelled, components)
+    order = components[np.argsort(-sizes, kind="stable")]
+    chosen = order[:1] if crops == "one" else order
+    out = []
+    for centre in ndimage.center_of_mass(volume.mask > 0, labelled, chosen):
         origin = np.rint(centre).astype(int) - size // 2
-        crops.append((crop_cube(volume.label, origin, size, air_label), crop_cube(volume.hu, origin, size, AIR_HU)))
-    return crops
+        out.append((crop_cube(volume.label, origin, size, air_label), crop_cube(volume.hu, origin, size, AIR_HU)))
+    return out
 
 
 def pairs_from_crop(label: np.ndarray, hu: np.ndarray, kind: str, stack_slices: int, air_label: int):
@@ -70,16 +82,17 @@ def pairs_from_crop(label: np.ndarray, hu: np.ndarray, kind: str, stack_slices: 
             yield int(z), np.moveaxis(padded[:, :, z : z + stack_slices], 2, 0), hu[:, :, z]
 
 
-def write_shard(path: Path, volume_id: str, pairs: list[tuple[int, np.ndarray, np.ndarray]]) -> int:
-    """One Parquet shard of pairs with tensor columns; returns the number of rows."""
+def write_shard(path: Path, volume_id: str, pairs: list[tuple[int, int, np.ndarray, np.ndarray]]) -> int:
+    """One Parquet shard of (crop, z, label, hu) pairs with tensor columns; returns the number of rows."""
     if not pairs:
         return 0
-    labels = np.stack([p[1] for p in pairs])
-    hus = np.stack([p[2] for p in pairs]).astype(np.int16)
+    labels = np.stack([p[2] for p in pairs])
+    hus = np.stack([p[3] for p in pairs]).astype(np.int16)
     table = pa.table(
         {
             "volume_id": pa.array([volume_id] * len(pairs)),
-            "z": pa.array([p[0] for p in pairs], pa.int32()),
+            "crop": pa.array([p[0] for p in pairs], pa.int32()),
+            "z": pa.array([p[1] for p in pairs], pa.int32()),
             "label": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(labels)),
             "hu": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(hus)),
         }
@@ -89,12 +102,13 @@ def write_shard(path: Path, volume_id: str, pairs: list[tuple[int, np.ndarray, n
 
 
 def write_volume_shards(out: Path, part: str, volume: Volume, kinds: list[str], size: int, stack_slices: int,
-                        air_label: int) -> dict[str, int]:  # fmt: skip
+                        air_label: int, crops: str = "one") -> dict[str, int]:  # fmt: skip
     """All kinds of pairs of one volume into ``out/part/<kind>-<volume_id>.parquet``; rows per kind."""
-    crops = nodule_crops(volume, size, air_label)
+    cubes = nodule_crops(volume, size, air_label, crops)
     counts = {}
     for kind in kinds:
-        pairs = [p for label, hu in crops for p in pairs_from_crop(label, hu, kind, stack_slices, air_label)]
+        pairs = [(k, *p) for k, (label, hu) in enumerate(cubes)
+                 for p in pairs_from_crop(label, hu, kind, stack_slices, air_label)]  # fmt: skip
         counts[kind] = write_shard(Path(out) / part / f"{kind}-{volume.volume_id}.parquet", volume.volume_id, pairs)
     return counts
 
@@ -125,6 +139,7 @@ class GanPairs:
         self.labels = np.concatenate([t.column("label").combine_chunks().to_numpy_ndarray() for t in tables])
         self.hu = np.concatenate([t.column("hu").combine_chunks().to_numpy_ndarray() for t in tables])
         self.volume_ids = [v for t in tables for v in t.column("volume_id").to_pylist()]
+        self.crops = [c for t in tables for c in t.column("crop").to_pylist()]
         self.z = [z for t in tables for z in t.column("z").to_pylist()]
 
     def __len__(self) -> int:

@@ -28,6 +28,7 @@ from scipy import ndimage
 SCHEMES = ("thesis", "body")
 ENCODINGS = ("scalar", "onehot")
 HU_SCALE = 2000.0
+AIR_HU = -1000  # air: what crops, patches and sliding windows are padded with
 BODY_THRESHOLD_HU = -500.0
 
 

@@ -117,9 +117,20 @@ def save_bank(bank: list[NoduleTemplate], path: str | Path) -> Path:
 
 
 def load_bank(path: str | Path) -> list[NoduleTemplate]:
-    """Read a bank written by :func:`save_bank`."""
+    """Read a bank written by :func:`save_bank`; CtsynthError naming the file when it is not one, or is empty."""
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        raise CtsynthError(f"{path}: not a readable template bank ({exc})") from None
+    missing = {"template_id", "source_volume_id", "diameter_mm", "shape", "mask", "label", "hu"} - set(
+        rows[0] if rows else {}
+    )
+    if not rows or missing:
+        raise CtsynthError(
+            f"{path}: not a template bank ({'no templates' if not rows else 'no ' + ', '.join(sorted(missing))})"
+        )
     bank = []
-    for row in pq.read_table(path).to_pylist():
+    for row in rows:
         shape = tuple(row["shape"])
         bank.append(
             NoduleTemplate(

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-AIR_HU = -1000
+from ctsynth_ray.labels import AIR_HU
+
 #: Values above this are metal or detector saturation, not tissue (the thesis' rule) ...
 HU_CEILING = 1900
 #: ... and become this documented soft-tissue value.

@@ -6,9 +6,14 @@ Scores of one volume from its confusion counts (a ratio whose denominator is 0 i
     dice = 2 TP / (2 TP + FP + FN)      f2 = 5 TP / (5 TP + FP + 4 FN)
 
 :func:`compare` pairs two score tables by ``volume_id`` and, over the volumes with a nodule, gives per metric
-the median, mean, sample standard deviation and 95 % confidence interval of the mean (Student's t with n - 1
-degrees of freedom: mean +- t(0.975, n - 1) x sd / sqrt(n)) of each side, the paired t-test p-value and the
-Wilcoxon signed-rank p-value of candidate against baseline.
+the median, mean, sample standard deviation (n - 1) and a 95 % confidence interval of the mean of each side, the
+paired t-test p-value and the Wilcoxon signed-rank p-value of candidate against baseline. Two intervals:
+
+- ``t`` (the default): mean +- t(0.975, n - 1) x sd(n - 1) / sqrt(n), n the volumes with a value: the interval
+  of a mean estimated from n volumes.
+- ``thesis``: mean +- 1.96 x sd(n) / sqrt(N), with the population sd and N *all* scored volumes, those without a
+  nodule included: what reproduces the thesis' tables. With few volumes, or many without a nodule, it is too
+  narrow, which is why it is not the default.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ctsynth_ray.dataset import read_nifti
+from ctsynth_ray.dataset import MANIFEST_NAME, read_manifest, read_nifti
 from ctsynth_ray.errors import CtsynthError
 
 SCORE_COLUMNS = ("volume_id", "sensitivity", "accuracy", "dice", "f2", "nodule_present", "tp", "fp", "fn", "tn")
 COMPARED = ("sensitivity", "dice", "f2")
+CI_METHODS = ("t", "thesis")
 _TRUE, _FALSE = {"true", "yes", "1", "1.0"}, {"false", "no", "0", "0.0"}
 
 
@@ -54,29 +60,44 @@ def _nifti_ids(folder: Path) -> dict[str, Path]:
     return {p.name[: -len(".nii.gz")]: p for p in sorted(folder.glob("*.nii.gz"))}
 
 
-def score_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike) -> list[dict]:
-    """Score every ``<volume_id>.nii.gz`` of ``pred_dir`` against the same name in ``truth_dir``.
+def _truth_masks(truth: Path, split: str | None) -> dict[str, Path]:
+    """{volume_id: mask path}: a folder of ``<volume_id>.nii.gz``, or a dataset (its ``masks``, of one split)."""
+    if (truth / MANIFEST_NAME).is_file():
+        rows = [r for r in read_manifest(truth) if split is None or r["split"] == split]
+        return {r["volume_id"]: truth / r["mask"] for r in rows}
+    if split is not None:
+        raise CtsynthError(f"{truth}: a split ({split}) needs a dataset, and this folder has no manifest")
+    return _nifti_ids(truth)
 
-    Raises CtsynthError naming the volume for a volume without its counterpart or grids that differ.
+
+def score_folders(pred_dir: str | os.PathLike, truth: str | os.PathLike, split: str | None = None) -> list[dict]:
+    """Score every ``<volume_id>.nii.gz`` of ``pred_dir`` against its true mask: the same name in the folder
+    ``truth``, or the volume's mask when ``truth`` is a dataset (the volumes of ``split`` when given).
+
+    Raises CtsynthError with one line per problem: a volume without its counterpart, grids that differ.
     """
-    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
-    for folder in (pred_dir, truth_dir):
+    pred_dir, truth = Path(pred_dir), Path(truth)
+    for folder in (pred_dir, truth):
         if not folder.is_dir():
             raise CtsynthError(f"{folder}: not a folder")
-    preds, truths = _nifti_ids(pred_dir), _nifti_ids(truth_dir)
+    preds, truths = _nifti_ids(pred_dir), _truth_masks(truth, split)
     if not preds:
         raise CtsynthError(f"{pred_dir}: no <volume_id>.nii.gz masks")
-    for vid in sorted(set(preds) ^ set(truths)):
-        where = truth_dir if vid in preds else pred_dir
-        raise CtsynthError(f"{vid}: no {vid}.nii.gz in {where}")
+    problems = [
+        f"{vid}: no {vid}.nii.gz in {pred_dir}" if vid in truths else f"{vid}: no true mask in {truth}"
+        for vid in sorted(set(preds) ^ set(truths))
+    ]
     rows = []
-    for vid, path in preds.items():
-        pred, pred_affine = read_nifti(path)
-        truth, truth_affine = read_nifti(truths[vid])
-        if pred.shape != truth.shape or not np.allclose(pred_affine, truth_affine, atol=1e-3):
-            raise CtsynthError(f"{vid}: prediction grid {pred.shape} does not match the truth grid {truth.shape} "
-                               f"(shape or affine differ)")  # fmt: skip
-        rows.append({"volume_id": vid, **volume_scores(pred, truth)})
+    for vid in sorted(set(preds) & set(truths)):
+        pred, pred_affine = read_nifti(preds[vid])
+        true, true_affine = read_nifti(truths[vid])
+        if pred.shape != true.shape or not np.allclose(pred_affine, true_affine, atol=1e-3):
+            problems.append(f"{vid}: prediction grid {pred.shape} does not match the truth grid {true.shape} "
+                            f"(shape or affine differ)")  # fmt: skip
+            continue
+        rows.append({"volume_id": vid, **volume_scores(pred, true)})
+    if problems:
+        raise CtsynthError("\n".join(problems))
     return rows
 
 
@@ -130,19 +151,25 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, dict]:
     return rows
 
 
-def describe(values: np.ndarray) -> dict:
-    """median, mean, sample sd and the t-based 95 % CI of the mean."""
+def describe(values: np.ndarray, ci: str = "t", n_all: int | None = None) -> dict:
+    """median, mean, sample sd (n - 1) and the 95 % CI of the mean by ``ci`` (see the module docstring;
+    ``thesis`` divides by sqrt(``n_all``), all scored volumes)."""
     from scipy import stats
 
+    if ci not in CI_METHODS:
+        raise ValueError(f"ci must be one of {CI_METHODS}, got {ci!r}")
     n = len(values)
     mean = float(np.mean(values)) if n else float("nan")
     sd = float(np.std(values, ddof=1)) if n > 1 else float("nan")
-    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
+    if ci == "thesis":
+        half = 1.96 * float(np.std(values, ddof=0)) / math.sqrt(n_all or n) if n else float("nan")
+    else:
+        half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
     return {"median": float(np.median(values)) if n else float("nan"), "mean": mean, "std": sd,
             "ci95": [mean - half, mean + half], "n": n}  # fmt: skip
 
 
-def compare(baseline: dict[str, dict], candidate: dict[str, dict]) -> dict:
+def compare(baseline: dict[str, dict], candidate: dict[str, dict], ci: str = "t") -> dict:
     """Paired comparison over the volumes (present in both) with a nodule; see the module docstring."""
     from scipy import stats
 
@@ -150,7 +177,7 @@ def compare(baseline: dict[str, dict], candidate: dict[str, dict]) -> dict:
     if not shared:
         raise CtsynthError("the two score tables share no volume_id")
     with_nodule = [v for v in shared if baseline[v]["nodule_present"] or candidate[v]["nodule_present"]]
-    result = {"n_volumes": len(shared), "n_with_nodule": len(with_nodule), "metrics": {}}
+    result = {"n_volumes": len(shared), "n_with_nodule": len(with_nodule), "ci": ci, "metrics": {}}
     for metric in COMPARED:
         pairs = np.array([(baseline[v][metric], candidate[v][metric]) for v in with_nodule], float).reshape(-1, 2)
         pairs = pairs[~np.isnan(pairs).any(axis=1)]
@@ -164,16 +191,17 @@ def compare(baseline: dict[str, dict], candidate: dict[str, dict]) -> dict:
                 p_value = float(stats.ttest_rel(b, a).pvalue)
             wilcoxon_p = 1.0 if not np.any(differences) else float(stats.wilcoxon(b, a).pvalue)
         result["metrics"][metric] = {
-            "baseline": describe(a), "candidate": describe(b), "p_value": p_value, "wilcoxon_p": wilcoxon_p,
-            "test": "paired t-test",
+            "baseline": describe(a, ci, len(shared)), "candidate": describe(b, ci, len(shared)),
+            "p_value": p_value, "wilcoxon_p": wilcoxon_p, "test": "paired t-test",
         }  # fmt: skip
     return result
 
 
 def format_comparison(result: dict) -> str:
     """A human-readable table of :func:`compare`'s result."""
+    interval = "95% CI (t)" if result.get("ci", "t") == "t" else "95% CI (thesis)"
     lines = [f"{result['n_volumes']} paired volume(s), {result['n_with_nodule']} with a nodule", "",
-             f"{'metric':<12}{'side':<11}{'median':>8}{'mean':>8}{'sd':>8}{'95% CI':>20}{'t-test p':>11}{'Wilcoxon p':>12}"]  # fmt: skip
+             f"{'metric':<12}{'side':<11}{'median':>8}{'mean':>8}{'sd':>8}{interval:>20}{'t-test p':>11}{'Wilcoxon p':>12}"]  # fmt: skip
     for metric, m in result["metrics"].items():
         for side in ("baseline", "candidate"):
             d = m[side]

@@ -2,11 +2,20 @@
 window inference, and the training-set specs that mix real and synthetic datasets.
 
 A training spec is ``DATASET[:split][:n=N]``: the volumes of DATASET (of one split when given), N of them
-drawn reproducibly by the seed when given (``real:test:n=59``, ``synth:n=590``).
+drawn reproducibly by the seed when given. The thesis' set-ups, with the GAN trained on ``real``'s train split::
+
+    real-344                 --train real:train:n=344
+    synthetic-344 / -1400    --train synth:n=344              --train synth:n=1400
+    real-59 + synthetic-590  --train real:test:n=59 --train synth:n=590   (the split the GAN never saw)
+
+A seed draws one permutation of each dataset and every spec takes a prefix of it (within its split), so with
+one seed ``synth:n=344`` is a subset of ``synth:n=590``, itself a subset of ``synth:n=1400``: set-ups differ
+only in what they add.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import threading
@@ -19,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctsynth_ray.dataset import SPLITS, crop_cube, load_volume, read_manifest
+from ctsynth_ray.dataset import SPLITS, crop_cube, load_volume, read_manifest, read_prepare_record
 from ctsynth_ray.errors import CtsynthError
-from ctsynth_ray.labels import hu_to_network
+from ctsynth_ray.labels import AIR_HU, hu_to_network
 from ctsynth_ray.models.networks import conv, conv_transpose, instance_norm
 
 
@@ -41,14 +50,16 @@ class UNet(nn.Module):
             raise ValueError(f"in_channels must be >= 1 and out_channels >= 2, got {in_channels}, {out_channels}")
         Conv, ConvT, Norm = conv(spatial_dims), conv_transpose(spatial_dims), instance_norm(spatial_dims)
 
+        # Every convolution but the head feeds an instance norm (the up-convolutions through the next level's
+        # first convolution), which removes a per-channel constant: a bias there would get no gradient.
         def double(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(Conv(cin, cout, 3, padding=1), Norm(cout, affine=True), nn.ReLU(True),
-                                 Conv(cout, cout, 3, padding=1), Norm(cout, affine=True), nn.ReLU(True))  # fmt: skip
+            return nn.Sequential(Conv(cin, cout, 3, padding=1, bias=False), Norm(cout, affine=True), nn.ReLU(True),
+                                 Conv(cout, cout, 3, padding=1, bias=False), Norm(cout, affine=True), nn.ReLU(True))  # fmt: skip
 
         self.pool = nn.MaxPool3d(2) if spatial_dims == 3 else nn.MaxPool2d(2)
         self.down = nn.ModuleList([double(in_channels, features[0])])
         self.down.extend(double(a, b) for a, b in itertools.pairwise(features))
-        self.up = nn.ModuleList(ConvT(b, a, 2, stride=2) for a, b in itertools.pairwise(features))
+        self.up = nn.ModuleList(ConvT(b, a, 2, stride=2, bias=False) for a, b in itertools.pairwise(features))
         self.merge = nn.ModuleList(double(2 * a, a) for a in features[:-1])
         self.head = Conv(features[0], out_channels, 1)
         self.levels = len(features)
@@ -110,28 +121,86 @@ def absolute_spec(text: str) -> str:
     return str(Path(dataset).resolve()) + (f":{rest}" if rest else "")
 
 
+def draw_order(rows: list[dict], seed: int) -> list[dict]:
+    """``rows`` in the order ``seed`` draws them: a permutation of the dataset fixed by (seed, volume_id), so a
+    volume's place does not depend on the manifest's order or on which other volumes a spec keeps."""
+    return sorted(rows, key=lambda r: hashlib.sha256(f"{seed}/{r['volume_id']}".encode()).digest())
+
+
 def select_volumes(specs: list[TrainSpec], seed: int) -> list[tuple[Path, dict]]:
-    """(dataset, manifest row) for every volume the specs ask for: volumes with an image, N drawn per spec by
-    (seed, spec index). CtsynthError when a spec asks for more volumes than it has."""
-    chosen = []
-    for k, spec in enumerate(specs):
+    """(dataset, manifest row) for every volume the specs ask for: volumes with an image; with ``n``, the first N
+    of the dataset's draw order (:func:`draw_order`) within the spec's split, so larger N add volumes and never
+    swap them. CtsynthError when a spec asks for more volumes than it has, or two specs pick the same volume."""
+    chosen, seen = [], set()
+    for spec in specs:
         rows = [
             r
             for r in read_manifest(spec.dataset)
             if r.get("image") and (spec.split is None or r["split"] == spec.split)
         ]
+        where = f" in split {spec.split}" if spec.split else ""
         if not rows:
-            raise CtsynthError(
-                f"{spec.dataset}: no volume with an image{f' in split {spec.split}' if spec.split else ''}"
-            )
+            raise CtsynthError(f"{spec.dataset}: no volume with an image{where}")
         if spec.n is not None:
             if spec.n > len(rows):
-                raise CtsynthError(f"{spec.dataset}: asked for n={spec.n} but it has {len(rows)} volume(s)"
-                                   f"{f' in split {spec.split}' if spec.split else ''}")  # fmt: skip
-            picked = np.random.default_rng((seed, k)).choice(len(rows), spec.n, replace=False)
-            rows = [rows[i] for i in sorted(picked)]
+                raise CtsynthError(f"{spec.dataset}: asked for n={spec.n} but it has {len(rows)} volume(s){where}")
+            picked = {r["volume_id"] for r in draw_order(rows, seed)[: spec.n]}
+            rows = [r for r in rows if r["volume_id"] in picked]
+        twice = [r["volume_id"] for r in rows if (str(spec.dataset.resolve()), r["volume_id"]) in seen]
+        if twice:
+            raise CtsynthError(f"{spec.dataset}: {name_list(twice)} picked by more than one --train spec")
+        seen |= {(str(spec.dataset.resolve()), r["volume_id"]) for r in rows}
         chosen += [(spec.dataset, r) for r in rows]
     return chosen
+
+
+def name_list(names, limit: int = 8) -> str:
+    """'a, b, c' or 'a, b, ... (and 12 more)': volume names for a one-line message."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} (and {len(names) - limit} more)"
+
+
+def check_no_leakage(train: list[tuple[Path, dict]], val_rows: list[dict]) -> None:
+    """CtsynthError, one line per kind of leak, when a training volume is a validation volume (by ``volume_id``,
+    whichever dataset holds it: a re-ingested copy has the same id) or a synthetic training volume was cut from a
+    validation volume (its ``source_volume_id``)."""
+    val_ids = {r["volume_id"] for r in val_rows}
+    shared = sorted({row["volume_id"] for _, row in train} & val_ids)
+    derived = sorted(f"{row['volume_id']} (from {row['source_volume_id']})" for _, row in train
+                     if row.get("source_volume_id") in val_ids)  # fmt: skip
+    problems = []
+    if shared:
+        problems.append(f"{len(shared)} training volume(s) are also validation volumes: {name_list(shared)}")
+    if derived:
+        problems.append(
+            f"{len(derived)} synthetic training volume(s) were cut from validation volumes: {name_list(derived)}"
+        )
+    if problems:
+        raise CtsynthError("\n".join(problems))
+
+
+def gan_overlap_warnings(train: list[tuple[Path, dict]]) -> list[str]:
+    """Warnings for a training set that mixes synthetic volumes with real volumes that trained the GAN (what
+    ``prepare`` recorded in the real dataset): the thesis' mixed set-up takes its real part from the split the
+    GAN never saw. Real-only and synthetic-only sets get none."""
+    if not any(row.get("source") == "synthetic" for _, row in train):
+        return []
+    real: dict[Path, list[str]] = {}
+    for dataset, row in train:
+        if row.get("source") != "synthetic":
+            real.setdefault(dataset, []).append(row["volume_id"])
+    warnings = []
+    for dataset, ids in real.items():
+        record = read_prepare_record(dataset)
+        overlap = sorted(set(ids) & set(record.get("gan_train_volumes", []))) if record else []
+        if overlap:
+            warnings.append(
+                f"{dataset}: {len(overlap)} real training volume(s) trained the GAN ({record['gan_train_split']} split, "
+                f"prepare --out {record['gan_data']}): {name_list(overlap)}; the thesis' mixed set-up takes its real "
+                f"part from a split the GAN never saw (e.g. {dataset}:test:n=N)"
+            )
+    return warnings
 
 
 @dataclass
@@ -171,6 +240,9 @@ class VolumeCache:
         return item
 
 
+AIR = float(hu_to_network(np.float32(AIR_HU)))  # what patches and sliding windows are padded with
+
+
 def sample_patches(rng: np.random.Generator, ct: np.ndarray, mask: np.ndarray, patch: int, count: int,
                    nodule_voxels: np.ndarray | None = None):  # fmt: skip
     """``count`` patches (ct, mask) of ``patch``^3; each centre is a nodule voxel or a background voxel with
@@ -188,7 +260,7 @@ def sample_patches(rng: np.random.Generator, ct: np.ndarray, mask: np.ndarray, p
                 if not mask[tuple(centre)]:
                     break
         origin = centre - patch // 2
-        cts.append(crop_cube(ct, origin, patch, hu_to_network(np.float32(-1000))))
+        cts.append(crop_cube(ct, origin, patch, AIR))
         masks.append(crop_cube(mask, origin, patch, 0))
     return np.stack(cts), np.stack(masks)
 
@@ -220,13 +292,15 @@ def gaussian_weight(patch: int, sigma_scale: float = 0.125) -> np.ndarray:
     return np.maximum(weight / weight.max(), 1e-3).astype(np.float32)
 
 
-def sliding_window(volume: np.ndarray, predict, patch: int, overlap: float = 0.5, batch: int = 8) -> np.ndarray:
+def sliding_window(volume: np.ndarray, predict, patch: int, overlap: float = 0.5, batch: int = 8,
+                   pad_value: float = 0.0) -> np.ndarray:  # fmt: skip
     """Whole-volume output of ``predict`` (a function of (N, 1, p, p, p) tensors -> (N, C, p, p, p)) from
-    overlapping ``patch``^3 windows averaged with Gaussian weights; returns (C, *volume.shape) float32."""
+    overlapping ``patch``^3 windows averaged with Gaussian weights; returns (C, *volume.shape) float32. A volume
+    smaller than a window is padded with ``pad_value`` (as MONAI's ``sliding_window_inference`` ``cval``)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     padded_shape = [max(n, patch) for n in volume.shape]
-    padded = np.zeros(padded_shape, np.float32)
+    padded = np.full(padded_shape, pad_value, np.float32)
     padded[: volume.shape[0], : volume.shape[1], : volume.shape[2]] = volume
     step = max(1, int(patch * (1 - overlap)))
     starts = [sorted({*range(0, n - patch + 1, step), n - patch}) for n in padded_shape]
@@ -246,8 +320,10 @@ def sliding_window(volume: np.ndarray, predict, patch: int, overlap: float = 0.5
     return result[:, : volume.shape[0], : volume.shape[1], : volume.shape[2]]
 
 
-def segment(model: nn.Module, ct: np.ndarray, patch: int, device="cpu", overlap: float = 0.5) -> np.ndarray:
-    """Nodule mask (uint8) of a network-scaled CT volume by sliding-window softmax, threshold 0.5."""
+def segment(model: nn.Module, ct: np.ndarray, patch: int, device="cpu", overlap: float = 0.5,
+            pad_value: float = AIR) -> np.ndarray:  # fmt: skip
+    """Nodule mask (uint8) of a network-scaled CT volume by sliding-window softmax, threshold 0.5; windows past
+    the volume's edge see air (``pad_value``), as the training patches do."""
     model.eval()
 
     @torch.no_grad()
@@ -258,6 +334,6 @@ def segment(model: nn.Module, ct: np.ndarray, patch: int, device="cpu", overlap:
             return torch.softmax(model(windows.to(device)).float(), 1).cpu().numpy()
 
     try:
-        return (sliding_window(ct, predict, patch, overlap)[1] >= 0.5).astype(np.uint8)
+        return (sliding_window(ct, predict, patch, overlap, pad_value=pad_value)[1] >= 0.5).astype(np.uint8)
     finally:
         model.train()

@@ -19,6 +19,7 @@ from ctsynth_ray.labels import Tissue, lung_like
 from ctsynth_ray.nodule_bank import NoduleTemplate, augment_template, train_rows
 
 MIN_BODY_FRACTION = 0.15  # cubes with less tissue than this are rejected (mostly air)
+TRIES_PER_SOURCE = 10  # rejected cubes in a row before another source volume is drawn
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class SynthLabelConfig:
     size: int = 128
     p_nodule: float = 0.8
     lung_fraction: float = 0.8
-    augment: bool = True
+    augment: bool = False
     cube_tries: int = 50
     paste_tries: int = 200
 
@@ -101,17 +102,26 @@ def check_sources(root: str | Path, size: int) -> list[dict]:
     return fitting
 
 
+def planned_source(seed: int, index: int, n_sources: int) -> int:
+    """The source volume (a position in the sources' rows) that volume ``index`` of run ``seed`` is cut from: the
+    first draw of its generator, known before any volume is decoded, so that work can be grouped by source."""
+    return int(np.random.default_rng((seed, index)).integers(n_sources))
+
+
 def make_label_volume(
     seed: int, index: int, sources: SourceCache, bank: list[NoduleTemplate], config: SynthLabelConfig
 ) -> tuple[Volume, dict]:
     """Draw new label volume ``index`` of run ``seed``: (Volume with label + mask and no image, manifest extras).
 
-    Raises CtsynthError when ``cube_tries`` cubes in a row are rejected (empty axial slices or too little body).
+    The source is :func:`planned_source`; only after ``TRIES_PER_SOURCE`` rejected cubes in a row is another
+    source drawn. Raises CtsynthError when ``cube_tries`` cubes in a row are rejected (empty axial slices or too
+    little body).
     """
     rng = np.random.default_rng((seed, index))
     size = config.size
-    for _ in range(config.cube_tries):
-        source = sources.get(int(rng.integers(len(sources))))
+    for attempt in range(config.cube_tries):
+        if attempt % TRIES_PER_SOURCE == 0:
+            source = sources.get(int(rng.integers(len(sources))))
         shape = np.asarray(source.label.shape)
         origin = np.array([rng.integers(0, n - size + 1) for n in shape])  # sources are at least size^3
         box = tuple(slice(o, o + size) for o in origin)

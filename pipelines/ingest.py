@@ -15,7 +15,7 @@ from ctsynth_ray.ingest.cases import (
     ingest_nifti_case,
     split_for,
 )
-from ctsynth_ray.pipelines.runtime import parallel_map
+from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
 
 REPORT_NAME = "ingest_report.json"
 
@@ -56,10 +56,7 @@ def ingest(
     spacing_mm: Sequence[float] = TARGET_SPACING_MM,
     min_readers: int = 3,
     split_fractions: Sequence[float] = (1.0, 0.0, 0.0),
-    workers: int = 1,
-    address: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    ray_options: RayOptions = RayOptions(),
 ) -> IngestReport:
     """Ingest every case of ``src`` (``kind`` 'lidc' or 'nifti') into ``out``; failures are reported, not raised.
 
@@ -73,7 +70,7 @@ def ingest(
     else:
         raise ValueError(f"kind must be 'lidc' or 'nifti', got {kind!r}")
     report = IngestReport(dataset=Path(out), failed=list(problems))
-    with staged_dataset(out, overwrite=overwrite) as stage:
+    with staged_dataset(out, overwrite=ray_options.overwrite) as stage:
         if kind == "lidc":
             task = _lidc_task
             arguments = [
@@ -82,8 +79,7 @@ def ingest(
         else:
             task = _nifti_task
             arguments = [(str(stage), c, tuple(spacing_mm), split_for(c.volume_id, split_fractions)) for c in cases]
-        results = parallel_map(task, arguments, workers=workers, address=address, description=f"ingest {kind}",
-                               progress=progress)  # fmt: skip
+        results = parallel_map(task, arguments, ray_options, description=f"ingest {kind}")
         rows = []
         for result in results:
             report.notes += result.notes

@@ -9,70 +9,122 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """How a stage runs, the options every parallel command shares: ``workers`` Ray tasks in parallel (1 and no
+    ``address``: in this process, without Ray), the cluster at ``address`` (None: a loopback-only local
+    instance started on demand), whether an existing output may be replaced, and a progress bar."""
+
+    workers: int = 1
+    address: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.workers > 1 or self.address is not None
+
+
+#: Environment for processes that log to MLflow (the driver, and Ray workers through their runtime env).
+MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+
+
 def set_local_defaults() -> None:
-    """Loopback-only Ray and no telemetry, unless the environment already says otherwise (multi-node clusters:
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``)."""
+    """Loopback-only Ray, no telemetry and a quiet terminal, unless the environment already says otherwise
+    (multi-node clusters: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``). Read when ray / mlflow are imported."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nor MLflow's (Ray workers inherit this)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for name, value in MLFLOW_ENV.items():  # no MLflow telemetry, no "Creating initial database tables"
+        os.environ.setdefault(name, value)
+    # Ray Train's print patch tees every worker print to stdout and to its logger: each line showed twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # A harmless C++ warning Ray Train's controller prints at every start (its preemption watcher's arguments).
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "PreemptionWatcher")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+def quiet_train_env(verbose: bool) -> dict[str, str]:
+    """Environment for Ray Train workers (which may run on other nodes than the driver)."""
+    return {**MLFLOW_ENV, **({} if verbose else {"CTSYNTH_QUIET_TRAIN": "1"})}
+
+
+def quiet_worker_logs() -> None:
+    """On a Ray Train worker: hide Ray's per-report and checkpoint lines unless the run is verbose. Ray names
+    that logger after its module's file, so Train's ``LoggingConfig`` does not reach it."""
+    import logging
+
+    if os.environ.get("CTSYNTH_QUIET_TRAIN") == "1":
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None,
+               verbose: bool = False) -> None:  # fmt: skip
     """Connect to Ray once per process: ``address`` when given, else start a loopback-only local instance.
 
     An instance this process already joined is reused (tests share one). The loopback defaults were set
-    when ``ctsynth_ray.pipelines`` was imported.
+    when ``ctsynth_ray.pipelines`` was imported. Ray's start-up messages show only when ``verbose``.
     """
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.WARNING
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=level)
         return
+    if not verbose:  # Ray turns token authentication on for a local instance and says so at every start
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address=LOOPBACK,
         dashboard_host=LOOPBACK,
         _temp_dir=temp_dir,
+        logging_level=level,
     )
 
 
 def parallel_map(
     fn: Callable[..., Any],
     argument_tuples: Sequence[tuple],
+    ray_options: RayOptions = RayOptions(),
     *,
-    workers: int = 1,
-    address: str | None = None,
     description: str = "",
-    progress: bool = True,
     unit: str = "vol",
 ) -> list[Any]:
-    """``[fn(*args) for args in argument_tuples]``, in order, as Ray tasks when ``workers > 1`` or
-    ``address`` is given (at most ``workers`` in flight on a local instance), in-process otherwise.
+    """``[fn(*args) for args in argument_tuples]``, in order, as Ray tasks when ``ray_options.uses_ray`` (at most
+    ``workers`` in flight on a local instance), in-process otherwise.
 
     Results never depend on ``workers``: each call gets only its own arguments.
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=len(argument_tuples), desc=description, unit=unit, disable=not progress, leave=True)
+    bar = tqdm(total=len(argument_tuples), desc=description, unit=unit, disable=not ray_options.progress, leave=True)
     try:
-        if workers <= 1 and address is None:
+        if not ray_options.uses_ray:
             results = []
             for args in argument_tuples:
                 results.append(fn(*args))
                 bar.update()
             return results
-        ensure_ray(address, num_cpus=None if address else max(workers, 1))
+        address = ray_options.address
+        ensure_ray(address, num_cpus=None if address else ray_options.workers)
         import ray
 
         remote = ray.remote(num_cpus=1)(fn)
-        limit = len(argument_tuples) if address else workers
+        limit = len(argument_tuples) if address else ray_options.workers
         pending: dict = {}
         results: list[Any] = [None] * len(argument_tuples)
         queue = list(enumerate(argument_tuples))

@@ -4,19 +4,57 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ctsynth_ray.dataset import staged_dataset, write_manifest
-from ctsynth_ray.nodule_bank import build_template_bank
-from ctsynth_ray.pipelines.runtime import parallel_map
-from ctsynth_ray.synth_labels import SourceCache, SynthLabelConfig, check_sources, write_label_volumes
+from ctsynth_ray.dataset import dataset_fingerprint, read_prepare_record, staged_dataset, write_manifest
+from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.nodule_bank import load_bank
+from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
+from ctsynth_ray.synth_labels import (
+    SourceCache,
+    SynthLabelConfig,
+    check_sources,
+    planned_source,
+    write_label_volumes,
+)
 
-_CACHES: dict[str, SourceCache] = {}  # per process: a Ray worker decodes each source volume once
+# Per process: a Ray worker decodes each source volume once. Keyed by the dataset's path, manifest fingerprint and
+# the cube size, so a dataset rewritten in place, or another size, never reuses the wrong volumes.
+_CACHES: dict[tuple[str, str, int], SourceCache] = {}
 
 
-def _chunk_task(out: str, source: str, seed: int, indices: list[int], bank, config: SynthLabelConfig) -> list[dict]:
-    cache = _CACHES.get(source)
-    if cache is None:
-        cache = _CACHES[source] = SourceCache(source, check_sources(source, config.size))
-    return write_label_volumes(out, source, seed, indices, bank, config, cache)
+def source_cache(source: str, fingerprint: str, size: int) -> SourceCache:
+    """This process' cache of the train volumes of ``source`` that can give ``size``^3 cubes."""
+    key = (source, fingerprint, size)
+    if key not in _CACHES:
+        _CACHES[key] = SourceCache(source, check_sources(source, size))
+    return _CACHES[key]
+
+
+def plan_chunks(seed: int, indices, n_sources: int, chunk: int) -> list[list[int]]:
+    """``indices`` grouped by the source each is cut from (:func:`planned_source`), each group in chunks of at
+    most ``chunk``: a task decodes a source once for all its volumes, however many sources there are."""
+    groups: dict[int, list[int]] = {}
+    for index in indices:
+        groups.setdefault(planned_source(seed, index, n_sources), []).append(index)
+    return [group[k : k + chunk] for _, group in sorted(groups.items()) for k in range(0, len(group), chunk)]
+
+
+def _chunk_task(out: str, source: str, fingerprint: str, seed: int, indices: list[int], bank,
+                config: SynthLabelConfig) -> list[dict]:  # fmt: skip
+    return write_label_volumes(out, source, seed, indices, bank, config, source_cache(source, fingerprint, config.size))
+
+
+def resolve_bank(source: Path, bank: Path | None) -> Path:
+    """The template bank to paste from: ``bank`` when given, else the one ``prepare`` last saved for ``source``."""
+    if bank is not None:
+        if not Path(bank).is_file():
+            raise CtsynthError(f"{bank}: no such template bank (prepare writes GANDATA/nodule_bank.parquet)")
+        return Path(bank).resolve()
+    record = read_prepare_record(source)
+    if record is None or not Path(record["bank"]).is_file():
+        where = f" (prepare recorded {record['bank']}, which is gone)" if record else ""
+        raise CtsynthError(f"{source}: no template bank{where}: run `ctsynth prepare {source} --out GANDATA` "
+                           f"or pass --bank GANDATA/nodule_bank.parquet")  # fmt: skip
+    return Path(record["bank"])
 
 
 def synth_labels(
@@ -25,25 +63,23 @@ def synth_labels(
     n: int,
     *,
     config: SynthLabelConfig = SynthLabelConfig(),
-    n_templates: int | None = 15,
+    bank: Path | None = None,
     seed: int = 0,
-    workers: int = 1,
-    address: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    ray_options: RayOptions = RayOptions(),
     chunk: int = 16,
 ) -> list[dict]:
-    """Write ``n`` label volumes to ``out``; returns the manifest rows. Volume i depends only on (seed, i)."""
+    """Write ``n`` label volumes to ``out``, pasting templates of ``bank`` (default: the bank ``prepare`` saved
+    for ``source``); returns the manifest rows. Volume i depends only on (seed, i)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     source = Path(source).resolve()  # Ray workers may run in another working directory
-    check_sources(source, config.size)
-    bank = build_template_bank(source, n_templates, seed) if config.p_nodule > 0 else []
-    chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
-    with staged_dataset(out, overwrite=overwrite, subfolders=("masks", "labels")) as stage:
-        results = parallel_map(_chunk_task, [(str(stage), str(source), seed, c, bank, config) for c in chunks],
-                               workers=workers, address=address, description="label volumes",
-                               progress=progress, unit="chunk")  # fmt: skip
-        rows = [row for chunk_rows in results for row in chunk_rows]
+    n_sources = len(check_sources(source, config.size))
+    templates = load_bank(resolve_bank(source, bank)) if config.p_nodule > 0 else []
+    fingerprint = dataset_fingerprint(source)
+    chunks = plan_chunks(seed, range(n), n_sources, chunk)
+    with staged_dataset(out, overwrite=ray_options.overwrite, subfolders=("masks", "labels")) as stage:
+        arguments = [(str(stage), str(source), fingerprint, seed, c, templates, config) for c in chunks]
+        results = parallel_map(_chunk_task, arguments, ray_options, description="label volumes", unit="chunk")
+        rows = sorted((row for chunk_rows in results for row in chunk_rows), key=lambda row: row["synth_index"])
         write_manifest(stage, rows)
     return rows

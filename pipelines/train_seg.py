@@ -1,8 +1,12 @@
 """`ctsynth train-seg`: the 3D U-Net nodule segmenter on Ray Train, evaluated on whole real volumes, in MLflow.
 
+Data parallel the standard way: ``ray.train.torch.prepare_model`` wraps the U-Net in DDP (bucketed all-reduce of
+gradients). Before Ray starts, the training set is checked against the validation set: a training volume that is
+a validation volume, or a synthetic volume cut from one, is refused.
+
 Run folder::
 
-    RUN/model.pt, RUN/model.json     the segmenter (state dict + architecture, patch size)
+    RUN/model.pt, RUN/model.json     the segmenter (ctsynth_ray.models.registry.load_segmenter)
     RUN/pred/<volume_id>.nii.gz      predicted masks of the validation volumes (latest evaluation)
     RUN/metrics.csv                  per-volume scores of the latest evaluation (ctsynth score's columns)
     RUN/evals/iter-<iteration>.csv   every evaluation's scores, and iter-<iteration>.png: predictions vs truth
@@ -11,14 +15,22 @@ Run folder::
 
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctsynth_ray.errors import CtsynthWarning
+from ctsynth_ray.pipelines.runtime import quiet_worker_logs
 from ctsynth_ray.pipelines.tracking import absolute_uri, default_tracking_uri
-from ctsynth_ray.pipelines.training import check_run_dir, fit, load_state, report, start_tracked_run
-from ctsynth_ray.segmentation import absolute_spec, parse_spec, select_volumes
+from ctsynth_ray.pipelines.training import attached_run, check_run_dir, fit, load_state, report, tracked_run
+from ctsynth_ray.segmentation import (
+    absolute_spec,
+    check_no_leakage,
+    gan_overlap_warnings,
+    parse_spec,
+    select_volumes,
+)
 
 RAY_RUN_NAME = "train-seg"
 
@@ -113,10 +125,12 @@ def _prediction_png(path: Path, shown) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from ctsynth_ray.labels import network_to_hu
+
     fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(3.6 * max(len(shown), 1), 3.8), squeeze=False)
     for ax, (vid, ct, mask, pred) in zip(axes[0], shown):
         z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else ct.shape[2] // 2
-        ax.imshow((ct[::-1, ::-1, z] * 2000).T, cmap="gray", vmin=-1350, vmax=150)
+        ax.imshow(network_to_hu(ct[::-1, ::-1, z]).T, cmap="gray", vmin=-1350, vmax=150)
         for outline, colour in ((mask, "red"), (pred, "lime")):
             if outline[:, :, z].any():
                 ax.contour(outline[::-1, ::-1, z].T, levels=[0.5], colors=colour, linewidths=0.8)
@@ -129,94 +143,136 @@ def _prediction_png(path: Path, shown) -> Path:
     return path
 
 
+def replica_divergence(model) -> float:
+    """The largest difference of any weight between the workers (0.0 when DDP keeps them in step)."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    high, low = flat.clone(), -flat
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX)
+    return float((high + low).max())
+
+
 def _train_loop(loop_config: dict) -> None:
     import mlflow
     import ray.train
     import ray.train.torch
     import torch
 
-    from ctsynth_ray.models.gan import average_gradients
     from ctsynth_ray.segmentation import UNet, VolumeCache, dice_ce_loss, prefetch
 
-    options = TrainSegOptions(**loop_config)
+    quiet_worker_logs()
+    options = TrainSegOptions(**loop_config["options"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     volumes = select_volumes([parse_spec(s) for s in options.train], options.seed)
     val_dataset, val_rows = _val_rows(options.val)
-    torch.manual_seed(options.seed)
-    model = UNet(3, 1, 2, tuple(options.features)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), options.lr)
+    torch.manual_seed(options.seed)  # the initial weights depend on the seed (DDP copies rank 0's to the others)
+    network = UNet(3, 1, 2, tuple(options.features))
+    optimizer = torch.optim.Adam(network.parameters(), options.lr)
     step = 0
     state = load_state(device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        network.load_state_dict(state["model"])
         step = int(state["step"])
+    model = ray.train.torch.prepare_model(network)  # to the device; DDP when there are several workers
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
     cache = VolumeCache()
     run_dir = Path(options.run_dir)
-    if rank == 0:
-        start_tracked_run(run_dir, options.tracking_uri, options.experiment, state is not None,
-                          {"train": " + ".join(options.train), "val": options.val, "iterations": options.iterations,
-                           "patch": options.patch, "samples_per_volume": options.samples_per_volume,
-                           "batch": options.batch, "features": "-".join(map(str, options.features)),
-                           "lr": options.lr, "seed": options.seed, "workers": world,
-                           "train_volumes": len(volumes), "val_volumes": len(val_rows)})  # fmt: skip
-        print(f"train-seg: {len(volumes)} training volume(s), {len(val_rows)} validation volume(s), "
-              f"{world} worker(s), iterations {step} -> {options.iterations}", flush=True)  # fmt: skip
-    started, first, warm = time.monotonic(), step, None
-    batches = prefetch(lambda k: _patch_batch(options, volumes, cache, k, rank, world), range(step, options.iterations))
-    for ct, mask in batches:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(torch.from_numpy(ct).to(device))
-        loss = dice_ce_loss(logits.float(), torch.from_numpy(mask).to(device))
-        loss.backward()
-        average_gradients([model])
-        optimizer.step()
-        step += 1
-        metrics = {"loss": loss.item(), "step": step}
-        if warm is None:
-            warm = (time.monotonic(), step)
-        elif step == options.iterations:
-            metrics["train_steps_per_s"] = (step - warm[1]) / (time.monotonic() - warm[0])
+    with attached_run(options.tracking_uri, loop_config["mlflow_run_id"], rank == 0):
         if rank == 0:
-            mlflow.log_metric("loss", metrics["loss"], step=step)
-            if step % 10 == 0 or step == options.iterations:
-                print(f"train-seg: iteration {step}/{options.iterations} loss {metrics['loss']:.4f} "
-                      f"({(step - first) / (time.monotonic() - started):.2f} it/s)", flush=True)  # fmt: skip
-        if step % options.eval_every == 0 or step == options.iterations:
-            saved = None
+            if state is None:
+                mlflow.log_params({"train": " + ".join(options.train), "val": options.val,
+                                   "iterations": options.iterations, "patch": options.patch,
+                                   "samples_per_volume": options.samples_per_volume, "batch": options.batch,
+                                   "features": "-".join(map(str, options.features)), "lr": options.lr,
+                                   "seed": options.seed, "workers": world, "train_volumes": len(volumes),
+                                   "val_volumes": len(val_rows)})  # fmt: skip
+            print(f"train-seg: {len(volumes)} training volume(s), {len(val_rows)} validation volume(s), "
+                  f"{world} worker(s), iterations {step} -> {options.iterations}", flush=True)  # fmt: skip
+        started, first, warm = time.monotonic(), step, None
+        batches = prefetch(
+            lambda k: _patch_batch(options, volumes, cache, k, rank, world), range(step, options.iterations)
+        )
+        for ct, mask in batches:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(torch.from_numpy(ct).to(device))
+            loss = dice_ce_loss(logits.float(), torch.from_numpy(mask).to(device))
+            loss.backward()  # DDP averages the gradients over the workers here
+            optimizer.step()
+            step += 1
+            metrics = {"loss": loss.item(), "step": step}
+            if warm is None:
+                warm = (time.monotonic(), step)
+            elif step == options.iterations:
+                metrics["train_steps_per_s"] = (step - warm[1]) / (time.monotonic() - warm[0])
             if rank == 0:
-                _, summary, csv_path, png = _evaluate(model, options, val_dataset, val_rows, cache, device, step)
-                metrics.update(summary)
-                mlflow.log_metrics(summary, step=step)
-                mlflow.log_artifact(str(csv_path), artifact_path="evals")
-                mlflow.log_artifact(str(png), artifact_path="evals")
-                print(f"train-seg: evaluation at {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()),
-                      flush=True)  # fmt: skip
-                saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-            report(metrics, saved)
-    if rank == 0:
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
-        (run_dir / "model.json").write_text(json.dumps({"architecture": "unet", "spatial_dims": 3, "in_channels": 1,
-                                                        "out_channels": 2, "features": list(options.features),
-                                                        "patch": options.patch, "hu_scale": 2000.0,
-                                                        "iterations": step}, indent=2))  # fmt: skip
-        mlflow.log_artifact(str(run_dir / "metrics.csv"))
-        mlflow.log_artifact(str(run_dir / "model.json"))
-        mlflow.end_run()
+                mlflow.log_metric("loss", metrics["loss"], step=step)
+                if step % 10 == 0 or step == options.iterations:
+                    print(f"train-seg: iteration {step}/{options.iterations} loss {metrics['loss']:.4f} "
+                          f"({(step - first) / (time.monotonic() - started):.2f} it/s)", flush=True)  # fmt: skip
+            if step == options.iterations:
+                metrics["replica_max_abs_diff"] = replica_divergence(network)
+            if step % options.eval_every == 0 or step == options.iterations:
+                saved = None
+                if rank == 0:
+                    _, summary, csv_path, png = _evaluate(network, options, val_dataset, val_rows, cache, device, step)
+                    metrics.update(summary)
+                    mlflow.log_metrics(summary, step=step)
+                    mlflow.log_artifact(str(csv_path), artifact_path="evals")
+                    mlflow.log_artifact(str(png), artifact_path="evals")
+                    print(f"train-seg: evaluation at {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()),
+                          flush=True)  # fmt: skip
+                    saved = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+                report(metrics, saved)
+        if rank == 0:
+            _export(run_dir, network, options, volumes, step)
+            mlflow.log_artifact(str(run_dir / "metrics.csv"))
+            mlflow.log_artifact(str(run_dir / "model.json"))
 
 
-def train_seg(options: TrainSegOptions, *, resume: bool = False, address: str | None = None):
-    """Train on Ray Train; returns the Ray ``Result``. Datasets and specs are checked before Ray starts."""
-    select_volumes([parse_spec(s) for s in options.train], options.seed)
-    _val_rows(options.val)
+def _export(run_dir: Path, network, options: TrainSegOptions, volumes, step: int) -> None:
+    """RUN/model.pt + RUN/model.json through the network registry, with what applying the model needs."""
+    import numpy as np
+
+    from ctsynth_ray.labels import HU_SCALE
+    from ctsynth_ray.models.registry import SEGMENTER_STEM, NetworkSpec, export_network
+
+    spec = NetworkSpec("segmenter", 3, 1, 2, {"features": list(options.features)})
+    spacing = np.median([[row[f"spacing_{a}"] for a in "xyz"] for _, row in volumes], axis=0)
+    info = {
+        "patch": options.patch,
+        "hu_normalisation": {"scale": HU_SCALE, "formula": "network = HU / scale"},
+        "spacing_mm": [float(v) for v in spacing],
+        "training": {"train": list(options.train), "val": options.val, "seed": options.seed},
+        "iterations": step,
+    }
+    export_network(run_dir, SEGMENTER_STEM, network, spec, info)
+
+
+def train_seg(options: TrainSegOptions, *, resume: bool = False, address: str | None = None, verbose: bool = False):
+    """Train on Ray Train; returns the Ray ``Result``. Datasets and specs are checked before Ray starts: a
+    training set that leaks the validation set is refused (CtsynthError), and a mixed set whose real part trained
+    the GAN gives a CtsynthWarning."""
+    volumes = select_volumes([parse_spec(s) for s in options.train], options.seed)
+    _, val_rows = _val_rows(options.val)
+    check_no_leakage(volumes, val_rows)
+    for message in gan_overlap_warnings(volumes):
+        warnings.warn(message, CtsynthWarning, stacklevel=2)
     run_dir = check_run_dir(options.run_dir, RAY_RUN_NAME, resume, "model.pt")
     # Ray Train workers run in another working directory: every path they see is absolute.
     absolute = {"run_dir": str(run_dir), "train": tuple(absolute_spec(s) for s in options.train),
                 "val": absolute_spec(options.val),
                 "tracking_uri": absolute_uri(options.tracking_uri or default_tracking_uri())}  # fmt: skip
-    return fit(_train_loop, {**options.__dict__, **absolute}, run_dir, RAY_RUN_NAME,
-               workers=options.workers, cpus_per_worker=options.cpus_per_worker,
-               gpus_per_worker=options.gpus_per_worker, address=address)  # fmt: skip
+    with tracked_run(run_dir, absolute["tracking_uri"], options.experiment, resume) as run_id:
+        loop_config = {"options": {**options.__dict__, **absolute}, "mlflow_run_id": run_id}
+        return fit(_train_loop, loop_config, run_dir, RAY_RUN_NAME, workers=options.workers,
+                   cpus_per_worker=options.cpus_per_worker, gpus_per_worker=options.gpus_per_worker,
+                   address=address, verbose=verbose)  # fmt: skip

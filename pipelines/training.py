@@ -1,17 +1,26 @@
-"""What the Ray Train pipelines (train-gan, train-seg) share: the run folder rules, the tracked MLflow run,
-checkpoints as ``state.pt`` through ``ray.train``, and the TorchTrainer set-up."""
+"""What the Ray Train pipelines (train-gan, train-seg) share: the run folder rules, the MLflow run, checkpoints as
+``state.pt`` through ``ray.train``, and the TorchTrainer set-up.
+
+The driver owns the MLflow run: it creates it (or reopens it on ``--resume``) before the workers start and ends
+it in a ``finally``, FINISHED or FAILED (KILLED on Ctrl-C), so a failed or retried run is never left RUNNING and
+a worker restarted by Ray logs into the same run.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from ctsynth_ray.dataset import write_json
 from ctsynth_ray.errors import CtsynthError
-from ctsynth_ray.pipelines.runtime import ensure_ray
-from ctsynth_ray.pipelines.tracking import tracking_setup
+from ctsynth_ray.pipelines.runtime import ensure_ray, quiet_train_env
+from ctsynth_ray.pipelines.tracking import absolute_uri, tracking_setup
 
 STATE_NAME = "state.pt"
+RUN_FILE = "mlflow_run.json"
 
 
 def check_run_dir(run_dir: str | Path, ray_name: str, resume: bool, finished: str) -> Path:
@@ -28,14 +37,60 @@ def check_run_dir(run_dir: str | Path, ray_name: str, resume: bool, finished: st
     return run_dir
 
 
+@contextlib.contextmanager
+def tracked_run(run_dir: Path, tracking_uri: str, experiment: str, resume: bool) -> Iterator[str]:
+    """The MLflow run of RUN, yielding its id: created (named after RUN) for a fresh run, reopened from
+    ``RUN/mlflow_run.json`` on ``resume``; ended FINISHED when the block ends, FAILED when it raises."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = tracking_setup(tracking_uri, experiment)
+    client = MlflowClient(absolute_uri(tracking_uri))
+    run_file = run_dir / RUN_FILE
+    if resume and run_file.is_file():
+        run_id = json.loads(run_file.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        write_json(run_file, {"run_id": run_id})
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def attached_run(tracking_uri: str, run_id: str, active: bool) -> Iterator[None]:
+    """On a worker (``active`` on rank 0): log into the driver's run; a worker that fails leaves it FAILED, not
+    FINISHED (MLflow would otherwise end it as FINISHED when the process exits)."""
+    if not active:
+        yield
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.start_run(run_id=run_id)
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+
+
 def fit(train_loop, loop_config: dict, run_dir: Path, ray_name: str, *, workers: int, cpus_per_worker: int = 1,
-        gpus_per_worker: float = 0.0, address: str | None = None):  # fmt: skip
+        gpus_per_worker: float = 0.0, address: str | None = None, verbose: bool = False):  # fmt: skip
     """Run ``train_loop`` on a TorchTrainer (gloo on CPU, NCCL on GPU) storing checkpoints under RUN/ray;
-    a failed run becomes a CtsynthError naming RUN and the cause."""
+    a failed run becomes a CtsynthError naming RUN and the cause. Ray's own report, checkpoint and worker-group
+    messages are shown only when ``verbose``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(address, num_cpus=None if address else max(2, workers * cpus_per_worker))
+    ensure_ray(address, num_cpus=None if address else max(2, workers * cpus_per_worker), verbose=verbose)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -47,6 +102,8 @@ def fit(train_loop, loop_config: dict, run_dir: Path, ray_name: str, *, workers:
             storage_path=str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": quiet_train_env(verbose)},
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
     try:
@@ -79,18 +136,3 @@ def report(metrics: dict, state: dict | None) -> None:
             torch.save(state, Path(folder) / STATE_NAME)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def start_tracked_run(run_dir: Path, tracking_uri: str, experiment: str, resuming: bool, params: dict) -> str:
-    """Rank 0: open the run's MLflow run (the same one again when resuming) and log ``params`` once."""
-    import mlflow
-
-    tracking_setup(tracking_uri, experiment)
-    run_file = run_dir / "mlflow_run.json"
-    run_id = json.loads(run_file.read_text())["run_id"] if resuming and run_file.is_file() else None
-    mlflow.start_run(run_id=run_id, run_name=None if run_id else run_dir.name)
-    if run_id is None:
-        run_id = mlflow.active_run().info.run_id
-        run_file.write_text(json.dumps({"run_id": run_id}))
-        mlflow.log_params(params)
-    return run_id

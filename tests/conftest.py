@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from ctsynth_ray.pipelines.runtime import RayOptions
+
+QUIET = RayOptions(progress=False)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +52,7 @@ def phantom_dataset(tmp_path_factory, small_phantom_config) -> Path:
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
 
     out = tmp_path_factory.mktemp("phantoms") / "ds"
-    make_phantom_dataset(out, 6, config=small_phantom_config, seed=7, progress=False)
+    make_phantom_dataset(out, 6, config=small_phantom_config, seed=7, ray_options=QUIET)
     return out
 
 
@@ -71,7 +75,7 @@ def labelled_dataset(tmp_path_factory, phantom_dataset) -> Path:
 
     root = tmp_path_factory.mktemp("labelled") / "ds"
     shutil.copytree(phantom_dataset, root)
-    write_label_maps(root, "body", progress=False)
+    write_label_maps(root, "body", QUIET)
     return root
 
 
@@ -83,6 +87,6 @@ def gan_data(tmp_path_factory, small_phantom_config) -> Path:
 
     root = tmp_path_factory.mktemp("gan")
     make_phantom_dataset(root / "ds", 8, config=small_phantom_config, seed=21, split_fractions=(0.5, 0.0, 0.5),
-                         progress=False)  # fmt: skip
-    prepare(root / "ds", root / "gan", scheme="body", size=32, n_templates=4, progress=False)
+                         ray_options=QUIET)  # fmt: skip
+    prepare(root / "ds", root / "gan", scheme="body", size=32, n_templates=4, ray_options=QUIET)
     return root / "gan"

@@ -1,13 +1,17 @@
-"""CycleGAN and pix2pix training, in the reference's step order, independent of Ray.
+"""CycleGAN and pix2pix training, in the reference's structure and step order, independent of Ray.
 
-A :class:`GanTrainer` owns the networks, optimisers, image pools and the step counter; ``train_step`` does
-one optimiser step of G then D; ``state_dict`` / ``load_state_dict`` hold everything a resume needs (the
-learning rate is derived from the step). Data order comes from :func:`epoch_batches`, a function of
-(seed, epoch, rank, world size), so a resumed run sees exactly the batches it would have seen.
+A :class:`GanTrainer` owns the networks, optimisers, image pools and the step counter. ``train_step`` runs the
+model's ``optimize_parameters`` as the reference does: CycleGAN steps G (D frozen) then D on pooled fakes;
+pix2pix steps D then G. Both discriminators learn through one ``backward_D_basic(D, real, fake)`` that detaches
+the fake, so no discriminator step reaches a generator (with or without an image pool). ``state_dict`` /
+``load_state_dict`` hold everything a resume needs (the learning rate is derived from the step). Data order
+comes from :func:`epoch_batches`, a function of (seed, epoch, rank, world size), so a resumed run sees exactly
+the batches it would have seen.
 
 With several workers, gradients are averaged with ``torch.distributed.all_reduce`` after each backward
-(data-parallel training: the same update as DDP). Plain DDP wrappers are not used because the GAN step
-freezes D while G steps, which DDP's gradient hooks do not allow.
+(data-parallel training: the same update as DDP) and batch-norm buffers follow rank 0's, as DDP's
+``broadcast_buffers`` does. DDP wrappers are not used because each step freezes one network while the other
+steps, which DDP's gradient hooks do not allow.
 """
 
 from __future__ import annotations
@@ -19,16 +23,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ctsynth_ray.models.networks import PatchDiscriminator, init_weights
-from ctsynth_ray.models.registry import GeneratorSpec, build_generator
+from ctsynth_ray.models.networks import NORMS, PatchDiscriminator, init_weights
+from ctsynth_ray.models.registry import NetworkSpec, build_network
 
 MODELS = ("cyclegan", "pix2pix")
 GAN_MODES = ("lsgan", "vanilla")
+#: The reference's per-model defaults (its ``modify_commandline_options``): what a field left as None becomes.
+MODEL_DEFAULTS = {
+    "cyclegan": {"gan_mode": "lsgan", "pool_size": 50, "norm": "instance"},
+    "pix2pix": {"gan_mode": "vanilla", "pool_size": 0, "norm": "batch"},
+}
 
 
 @dataclass(frozen=True)
 class GanConfig:
-    """Training hyper-parameters (the thesis' by default) and the generator's shape."""
+    """Training hyper-parameters (the thesis' by default) and the generator's shape.
+
+    ``gan_mode``, ``pool_size`` and ``norm`` default to the reference's choice for ``model`` (see
+    :data:`MODEL_DEFAULTS`): CycleGAN least squares, a 50-image pool, instance norm; pix2pix vanilla (BCE), no
+    pool, batch norm. ``lambda_identity`` is a fraction of ``lambda_cycle``, as in the reference.
+    """
 
     model: str = "cyclegan"
     epochs: int = 100
@@ -37,11 +51,12 @@ class GanConfig:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    gan_mode: str = "lsgan"
+    gan_mode: str | None = None
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.0
     lambda_l1: float = 100.0
-    pool_size: int = 50
+    pool_size: int | None = None
+    norm: str | None = None
     generator_widths: tuple[int, int, int] = (32, 64, 128)
     residual_blocks: int = 6
     unet_width: int = 64
@@ -52,8 +67,13 @@ class GanConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        for name, value in MODEL_DEFAULTS[self.model].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.gan_mode not in GAN_MODES:
             raise ValueError(f"gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.epochs < 0 or self.decay_epochs < 0 or self.epochs + self.decay_epochs < 1:
             raise ValueError(
                 f"epochs and decay_epochs must be >= 0 with a positive sum, got {self.epochs}, {self.decay_epochs}"
@@ -64,14 +84,16 @@ class GanConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.pool_size < 0:
             raise ValueError(f"pool_size must be >= 0, got {self.pool_size}")
+        if self.lambda_identity < 0:
+            raise ValueError(f"lambda_identity must be >= 0, got {self.lambda_identity}")
 
-    def generator_spec(self, spatial_dims: int, in_channels: int, out_channels: int) -> GeneratorSpec:
+    def generator_spec(self, spatial_dims: int, in_channels: int, out_channels: int) -> NetworkSpec:
         """CycleGAN: ResNet generator; pix2pix: U-Net generator."""
         if self.model == "cyclegan":
-            arguments = {"widths": list(self.generator_widths), "n_blocks": self.residual_blocks}
-            return GeneratorSpec("resnet", spatial_dims, in_channels, out_channels, arguments)
-        return GeneratorSpec("unet", spatial_dims, in_channels, out_channels,
-                             {"width": self.unet_width, "n_down": self.unet_downs})  # fmt: skip
+            arguments = {"widths": list(self.generator_widths), "n_blocks": self.residual_blocks, "norm": self.norm}
+            return NetworkSpec("resnet", spatial_dims, in_channels, out_channels, arguments)
+        return NetworkSpec("unet", spatial_dims, in_channels, out_channels,
+                           {"width": self.unet_width, "n_down": self.unet_downs, "norm": self.norm})  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,9 +162,13 @@ def _set_requires_grad(nets, flag: bool) -> None:
             p.requires_grad_(flag)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def average_gradients(nets) -> None:
     """Average the gradients of ``nets`` over the workers of the process group (a no-op for one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return
     world = dist.get_world_size()
     for net in nets:
@@ -150,6 +176,15 @@ def average_gradients(nets) -> None:
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= world
+
+
+def broadcast_buffers(nets) -> None:
+    """Give every worker rank 0's buffers (batch-norm running statistics), as DDP does before each forward."""
+    if not _distributed():
+        return
+    for net in nets:
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 class GanTrainer:
@@ -168,16 +203,19 @@ class GanTrainer:
         self.step = 0
         torch.manual_seed(config.seed)  # the same initial weights on every worker
         self.spec = config.generator_spec(spatial_dims, label_channels, ct_channels)
-        self.G_A = init_weights(build_generator(self.spec)).to(self.device)
+
+        def discriminator(in_channels: int) -> nn.Module:
+            return init_weights(PatchDiscriminator(spatial_dims, in_channels, config.discriminator_width,
+                                                   norm=config.norm))  # fmt: skip
+
+        self.G_A = init_weights(build_network(self.spec)).to(self.device)
         if config.model == "cyclegan":
-            self.G_B = init_weights(build_generator(config.generator_spec(spatial_dims, ct_channels, label_channels)))
-            self.D_A = init_weights(PatchDiscriminator(spatial_dims, ct_channels, config.discriminator_width))
-            self.D_B = init_weights(PatchDiscriminator(spatial_dims, label_channels, config.discriminator_width))
+            self.G_B = init_weights(build_network(config.generator_spec(spatial_dims, ct_channels, label_channels)))
+            self.D_A, self.D_B = discriminator(ct_channels), discriminator(label_channels)
             self.G_B, self.D_A, self.D_B = (m.to(self.device) for m in (self.G_B, self.D_A, self.D_B))
             self.generators, self.discriminators = [self.G_A, self.G_B], [self.D_A, self.D_B]
         else:
-            self.D_A = init_weights(PatchDiscriminator(spatial_dims, label_channels + ct_channels,
-                                                       config.discriminator_width)).to(self.device)  # fmt: skip
+            self.D_A = discriminator(label_channels + ct_channels).to(self.device)
             self.generators, self.discriminators = [self.G_A], [self.D_A]
         betas = (config.beta1, config.beta2)
         self.optimizer_G = torch.optim.Adam(
@@ -208,79 +246,100 @@ class GanTrainer:
         return self.criterion_gan(net(x).float(), real)
 
     def train_step(self, label: torch.Tensor, ct: torch.Tensor, ct_unpaired: torch.Tensor | None = None) -> dict:
-        """One step: G (D frozen), then D on pooled fakes. CycleGAN uses ``ct_unpaired`` (CT of other
-        slices: the thesis trained unpaired) when given; pix2pix uses the pair. Returns the losses."""
+        """One optimisation step of the model. CycleGAN uses ``ct_unpaired`` (CT of other slices: the thesis
+        trained unpaired) when given; pix2pix uses the pair. Returns the losses and the learning rate."""
         lr = self.learning_rate()
         for optimizer in (self.optimizer_G, self.optimizer_D):
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        broadcast_buffers(self.generators + self.discriminators)
         real_A = label.to(self.device, memory_format=self.memory_format)
         real_B = ct if ct_unpaired is None or self.config.model == "pix2pix" else ct_unpaired
         real_B = real_B.to(self.device, memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            losses = (
-                self._cyclegan(real_A, real_B) if self.config.model == "cyclegan" else self._pix2pix(real_A, real_B)
-            )
+            if self.config.model == "cyclegan":
+                losses = self._optimize_cyclegan(real_A, real_B)
+            else:
+                losses = self._optimize_pix2pix(real_A, real_B)
         self.step += 1
-        return {**losses, "lr": lr}
+        return {name: value.item() for name, value in losses.items()} | {"lr": lr}
 
-    def _cyclegan(self, real_A, real_B) -> dict:
-        c = self.config
-        # Generators, with the discriminators frozen.
+    def backward_D_basic(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """D's loss on a real and a fake batch, back-propagated; the fake is detached so that no gradient
+        reaches the generator that made it."""
+        loss_real = self._gan(D, real, True)
+        loss_fake = self._gan(D, fake.detach(), False)
+        loss = (loss_real + loss_fake) * 0.5
+        loss.backward()
+        return loss
+
+    def _step(self, optimizer: torch.optim.Optimizer, nets) -> None:
+        average_gradients(nets)
+        optimizer.step()
+
+    # ----------------------------------------------------------------------------------------- CycleGAN
+
+    def _optimize_cyclegan(self, real_A, real_B) -> dict:
+        fake_B = self.G_A(real_A)  # label -> CT
+        rec_A = self.G_B(fake_B)  # G_B(G_A(A))
+        fake_A = self.G_B(real_B)  # CT -> label
+        rec_B = self.G_A(fake_A)  # G_A(G_B(B))
+        # G_A and G_B, with the discriminators frozen.
         _set_requires_grad(self.discriminators, False)
         self.optimizer_G.zero_grad(set_to_none=True)
-        fake_B = self.G_A(real_A)  # label -> CT
-        fake_A = self.G_B(real_B)  # CT -> label
-        rec_A = self.G_B(fake_B)
-        rec_B = self.G_A(fake_A)
+        losses = self._backward_G_cyclegan(real_A, real_B, fake_A, fake_B, rec_A, rec_B)
+        self._step(self.optimizer_G, self.generators)
+        # D_A and D_B, on fakes from the image pools.
+        _set_requires_grad(self.discriminators, True)
+        self.optimizer_D.zero_grad(set_to_none=True)
+        losses["loss_D_A"] = self.backward_D_basic(self.D_A, real_B, self.pool_fake_ct.query(fake_B.float()))
+        losses["loss_D_B"] = self.backward_D_basic(self.D_B, real_A, self.pool_fake_label.query(fake_A.float()))
+        self._step(self.optimizer_D, self.discriminators)
+        return losses
+
+    def _backward_G_cyclegan(self, real_A, real_B, fake_A, fake_B, rec_A, rec_B) -> dict:
+        c = self.config
+        zero = torch.zeros((), device=self.device)
+        loss_idt_A = loss_idt_B = zero
+        if c.lambda_identity > 0:
+            loss_idt_A = (
+                (self.G_A(real_B).float() - real_B).abs().mean() * c.lambda_cycle * c.lambda_identity
+            )  # || G_A(B) - B ||
+            loss_idt_B = (
+                (self.G_B(real_A).float() - real_A).abs().mean() * c.lambda_cycle * c.lambda_identity
+            )  # || G_B(A) - A ||
         loss_G_A = self._gan(self.D_A, fake_B, True)  # GAN loss D_A(G_A(A))
         loss_G_B = self._gan(self.D_B, fake_A, True)  # GAN loss D_B(G_B(B))
         loss_cycle_A = (rec_A.float() - real_A).abs().mean() * c.lambda_cycle  # forward cycle || G_B(G_A(A)) - A ||
         loss_cycle_B = (rec_B.float() - real_B).abs().mean() * c.lambda_cycle  # backward cycle || G_A(G_B(B)) - B ||
-        loss_idt = torch.zeros((), device=self.device)
-        if c.lambda_identity > 0:  # identity: || G_A(B) - B || + || G_B(A) - A ||
-            loss_idt = ((self.G_A(real_B).float() - real_B).abs().mean() + (self.G_B(real_A).float() - real_A).abs().mean()) \
-                * c.lambda_cycle * c.lambda_identity  # fmt: skip
-        loss_G = loss_G_A + loss_G_B + loss_cycle_A + loss_cycle_B + loss_idt
+        loss_G = loss_G_A + loss_G_B + loss_cycle_A + loss_cycle_B + loss_idt_A + loss_idt_B
         loss_G.backward()
-        average_gradients(self.generators)
-        self.optimizer_G.step()
-        # Discriminators, on fakes from the image pools.
+        return {"loss_G": loss_G, "loss_G_A": loss_G_A, "loss_G_B": loss_G_B, "loss_cycle_A": loss_cycle_A,
+                "loss_cycle_B": loss_cycle_B, "loss_idt": loss_idt_A + loss_idt_B}  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ pix2pix
+
+    def _optimize_pix2pix(self, real_A, real_B) -> dict:
+        fake_B = self.G_A(real_A)  # G(A)
+        # D first, as the reference's pix2pix: on (A, B) against (A, G(A)) from the pool.
         _set_requires_grad(self.discriminators, True)
         self.optimizer_D.zero_grad(set_to_none=True)
-        pooled_B = self.pool_fake_ct.query(fake_B.float())
-        pooled_A = self.pool_fake_label.query(fake_A.float())
-        loss_D_A = 0.5 * (self._gan(self.D_A, real_B, True) + self._gan(self.D_A, pooled_B, False))
-        loss_D_B = 0.5 * (self._gan(self.D_B, real_A, True) + self._gan(self.D_B, pooled_A, False))
-        (loss_D_A + loss_D_B).backward()
-        average_gradients(self.discriminators)
-        self.optimizer_D.step()
-        return {"loss_G": loss_G.item(), "loss_G_A": loss_G_A.item(), "loss_G_B": loss_G_B.item(),
-                "loss_cycle_A": loss_cycle_A.item(), "loss_cycle_B": loss_cycle_B.item(), "loss_idt": loss_idt.item(),
-                "loss_D_A": loss_D_A.item(), "loss_D_B": loss_D_B.item()}  # fmt: skip
-
-    def _pix2pix(self, real_A, real_B) -> dict:
-        c = self.config
+        fake_AB = self.pool_fake_ct.query(torch.cat([real_A, fake_B.float()], 1))
+        loss_D = self.backward_D_basic(self.D_A, torch.cat([real_A, real_B], 1), fake_AB)
+        self._step(self.optimizer_D, self.discriminators)
+        # Then G, with D frozen.
         _set_requires_grad(self.discriminators, False)
         self.optimizer_G.zero_grad(set_to_none=True)
-        fake_B = self.G_A(real_A)
+        losses = self._backward_G_pix2pix(real_A, real_B, fake_B)
+        self._step(self.optimizer_G, self.generators)
+        return {**losses, "loss_D": loss_D}
+
+    def _backward_G_pix2pix(self, real_A, real_B, fake_B) -> dict:
         loss_G_gan = self._gan(self.D_A, torch.cat([real_A, fake_B], 1), True)  # GAN loss D(A, G(A))
-        loss_G_l1 = (fake_B.float() - real_B).abs().mean() * c.lambda_l1  # || G(A) - B ||_1
+        loss_G_l1 = (fake_B.float() - real_B).abs().mean() * self.config.lambda_l1  # || G(A) - B ||_1
         loss_G = loss_G_gan + loss_G_l1
         loss_G.backward()
-        average_gradients(self.generators)
-        self.optimizer_G.step()
-        _set_requires_grad(self.discriminators, True)
-        self.optimizer_D.zero_grad(set_to_none=True)
-        fake_pair = self.pool_fake_ct.query(torch.cat([real_A, fake_B.float()], 1))
-        loss_D = 0.5 * (
-            self._gan(self.D_A, torch.cat([real_A, real_B], 1), True) + self._gan(self.D_A, fake_pair, False)
-        )
-        loss_D.backward()
-        average_gradients(self.discriminators)
-        self.optimizer_D.step()
-        return {"loss_G": loss_G.item(), "loss_G_gan": loss_G_gan.item(), "loss_G_l1": loss_G_l1.item(),
-                "loss_D": loss_D.item()}  # fmt: skip
+        return {"loss_G": loss_G, "loss_G_gan": loss_G_gan, "loss_G_l1": loss_G_l1}
 
     @torch.no_grad()
     def generate(self, label: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ def generate_hu(generate, pairs, indices, chunk: int = 16) -> tuple[np.ndarray, 
 
 def validate(generate, pairs, max_items: int = 32) -> dict[str, float]:
     """MAE and PSNR (HU), SSIM over up to ``max_items`` held-out pairs; for slice-wise pairs also the
-    inter-slice consistency of restacked runs of adjacent slices: ``interslice_generated`` against
+    inter-slice consistency of restacked runs of adjacent slices of one crop: ``interslice_generated`` against
     ``interslice_real`` (mean |slice z+1 - slice z| in HU) and their ratio."""
     indices = np.arange(min(len(pairs), max_items))
     fake, real = generate_hu(generate, pairs, indices)
@@ -41,10 +41,10 @@ def validate(generate, pairs, max_items: int = 32) -> dict[str, float]:
         "val_psnr_db": float(np.mean([psnr_hu(f, r) for f, r in zip(fake, real)])),
         "val_ssim": float(np.mean([ssim_hu(f, r) for f, r in zip(fake, real)])),
     }
-    if fake.ndim == 3:  # 2D / 2.5D: restack runs of adjacent slices of one volume
+    if fake.ndim == 3:  # 2D / 2.5D: restack runs of adjacent slices of one crop
         runs = defaultdict(list)
         for k in indices:
-            runs[pairs.volume_ids[k]].append((pairs.z[k], k))
+            runs[pairs.volume_ids[k], pairs.crops[k]].append((pairs.z[k], k))
         gen_diffs, real_diffs = [], []
         for members in runs.values():
             members.sort()

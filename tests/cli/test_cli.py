@@ -39,7 +39,7 @@ def test_phantom_refuses_an_existing_dataset_without_overwrite(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [(["--shape", "10,10,10"], "at least 32"), (["--shape", "a,b"], "3 comma-separated"),
-     (["--split", "0.5,0.5,0.5"], "sum to 1"), (["--n", "0"], "")],
+     (["--split", "0.5,0.5,0.5"], "sum to 1"), (["--n", "0"], "--n"), (["--shape", "64.5,64,64"], "whole numbers")],
 )  # fmt: skip
 def test_usage_errors_exit_2(tmp_path, args, message):
     base = {"--n": "2", "--out": str(tmp_path / "x")}
@@ -71,17 +71,23 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "6", "--workers", "2", "--gan-steps", "4",
                                  "--seg-iterations", "2", "--tracking-uri", uri])  # fmt: skip
     assert result.exit_code == 0, result.output
-    for k in range(1, 9):
-        assert f"[{k}/8]" in result.output
+    for k in range(1, 10):
+        assert result.output.count(f"[{k}/9]") == 1
     assert "compare real-only (baseline) with mixed (candidate)" in result.output and "t-test p" in result.output
     demo = (tmp_path / "demo").resolve()
     for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
-                   "phantoms/labels", "gan-data", "gan-data/nodule_bank.parquet", "synthetic-labels",
-                   "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json",
-                   "seg-real-only/metrics.csv", "seg-mixed/metrics.csv", "seg-mixed/pred"):  # fmt: skip
+                   "phantoms/labels", "phantoms/prepare.json", "gan-data", "gan-data/nodule_bank.parquet",
+                   "synthetic-labels", "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json",
+                   "seg-real-only/model.pt", "seg-real-only/metrics.csv", "seg-mixed/metrics.csv", "segment-val",
+                   "segment-val.csv"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
+    # The demo never trains on a volume it scores.
+    test_ids = {r["volume_id"] for r in read_manifest(demo / "phantoms") if r["split"] == "test"}
+    assert not test_ids & {r["volume_id"] for r in read_manifest(demo / "ingested")}
+    # One progress line per step: Ray Train's print patch no longer doubles them, its reports stay hidden.
+    assert "Reporting training result" not in result.output and "TrainingReport" not in result.output
 
 
 def test_ingest_lidc_reports_failed_cases_and_exits_1(test_data, tmp_path):
@@ -129,13 +135,14 @@ def test_prepare_and_synth_labels_from_the_cli(copy_dataset, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
-    [(["--size", "4096"], "larger than every train volume"), (["--templates", "zero"], "--templates")],
+    "args, code, message",
+    [(["--size", "4096"], 1, "larger than every train volume"), (["--p-nodule", "2"], 2, "--p-nodule"),
+     (["--bank", "/nowhere/bank.parquet", "--size", "48"], 1, "no such template bank")],
 )  # fmt: skip
-def test_synth_labels_errors(labelled_dataset, tmp_path, args, message):
+def test_synth_labels_errors(labelled_dataset, tmp_path, args, code, message):
     result = runner.invoke(app, ["synth-labels", "--n", "2", "--source", str(labelled_dataset), "--out",
                                  str(tmp_path / "x"), *args])  # fmt: skip
-    assert result.exit_code in (1, 2) and message in result.output and "Traceback" not in result.output
+    assert result.exit_code == code and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
 
 
@@ -157,7 +164,9 @@ def test_train_gan_from_the_cli_then_refuses_to_overwrite(gan_data, tmp_path, ra
 
 
 @pytest.mark.parametrize("args, message", [(["--model", "vae"], "--model"), (["--dims", "4"], "--dims"),
-                                           (["--widths", "8,16"], "--widths")])  # fmt: skip
+                                           (["--widths", "8,16"], "--widths"), (["--widths", "8.5,16,32"], "--widths"),
+                                           (["--gan-mode", "wgan"], "--gan-mode"), (["--pool-size", "-1"], "--pool-size"),
+                                           (["--encoding", "binary"], "--encoding")])  # fmt: skip
 def test_train_gan_usage_errors(tmp_path, args, message):
     result = runner.invoke(app, ["train-gan", str(tmp_path), "--out", str(tmp_path / "run"), *args])
     assert result.exit_code == 2 and message in result.output
@@ -207,3 +216,119 @@ def test_relative_paths_reach_ray_train_workers(gan_data, tmp_path, monkeypatch,
                                  "--unet-width", "8", "--tracking-uri", "sqlite:///rel.db"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "generator.pt").is_file() and (tmp_path / "rel.db").is_file()
+
+
+def test_help_names_every_command_on_one_line(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    panel = [line for line in result.output[result.output.index("Commands") :].splitlines() if line.startswith("│")]
+    names = [line.strip("│ ").split()[0] for line in panel]
+    expected = {"phantom", "inspect", "ingest", "prepare", "synth-labels", "train-gan", "train-seg", "segment", "score",
+                "compare", "demo"}  # fmt: skip
+    assert set(names) == expected and len(panel) == len(expected)  # no wrapped second lines
+
+
+def test_train_gan_takes_the_reference_flags(gan_data, tmp_path, ray_session):
+    import json
+
+    args = ["train-gan", str(gan_data), "--out", str(tmp_path / "run"), "--batch", "2", "--steps", "1",
+            "--widths", "4,8,16", "--blocks", "1", "--pool-size", "0", "--gan-mode", "vanilla",
+            "--lambda-identity", "0.5", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    gan = json.loads((tmp_path / "run" / "generator.json").read_text())["gan"]
+    assert (gan["pool_size"], gan["gan_mode"], gan["lambda_identity"], gan["norm"]) == (0, "vanilla", 0.5, "instance")
+
+
+def test_segment_then_score_against_the_dataset(gan_data, tmp_path, ray_session):
+    dataset = gan_data.parent / "ds"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train = ["train-seg", "--train", f"{dataset}:train", "--val", f"{dataset}:test", "--out", str(tmp_path / "run"),
+             "--iterations", "2", "--patch", "32", "--batch", "2", "--features", "4,8,16", "--eval-every", "2",
+             "--tracking-uri", uri]  # fmt: skip
+    result = runner.invoke(app, train)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["segment", str(tmp_path / "run"), f"{dataset}:test", "--out", str(tmp_path / "pred")])
+    assert result.exit_code == 0, result.output
+    test_ids = sorted(r["volume_id"] for r in read_manifest(dataset) if r["split"] == "test")
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [f"{v}.nii.gz" for v in test_ids]
+    result = runner.invoke(app, ["score", str(tmp_path / "pred"), f"{dataset}:test", "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 0 and f"scored {len(test_ids)} volume(s)" in result.output
+    result = runner.invoke(app, ["segment", str(tmp_path), str(dataset), "--out", str(tmp_path / "p2")])
+    assert result.exit_code == 1 and "model.json: not found" in result.output and not (tmp_path / "p2").exists()
+
+
+def test_train_seg_refuses_leakage_and_warns_about_the_gan_split(gan_data, tmp_path):
+    dataset = gan_data.parent / "ds"
+    args = ["train-seg", "--train", str(dataset), "--val", f"{dataset}:test", "--out", str(tmp_path / "run"),
+            "--patch", "32", "--features", "4,8,16"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "ctsynth: error: 4 training volume(s) are also validation volumes: phantom-s21-" in result.output
+    assert not (tmp_path / "run").exists()
+
+    # A mixed set whose real part trained the GAN (prepare recorded it) runs, with a warning first.
+    from ctsynth_ray.dataset import load_volume, write_manifest, write_volume
+
+    row = next(r for r in read_manifest(dataset) if r["split"] == "train" and r["n_nodules"])
+    volume = load_volume(dataset, row)
+    volume.volume_id = "synth-0"
+    synth = tmp_path / "synth"
+    write_manifest(synth, [write_volume(synth, volume, "train", "synthetic", source_volume_id=row["volume_id"])])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"")  # stop at the run-folder check, after the warning
+    args[2] = f"{dataset}:train"
+    result = runner.invoke(app, [*args, "--train", str(synth)])
+    assert result.exit_code == 1 and "holds an earlier run" in result.output
+    assert "ctsynth: warning: " in result.output and "real training volume(s) trained the GAN" in result.output
+
+
+def test_score_prints_every_problem_and_compare_takes_the_thesis_interval(tmp_path):
+    import numpy as np
+
+    from ctsynth_ray.dataset import centred_affine, write_nifti
+
+    affine = centred_affine((6, 6, 6), (1, 1, 1))
+    cube = np.zeros((6, 6, 6), np.uint8)
+    cube[1:4, 1:4, 1:4] = 1
+    for name in ("a", "b"):
+        write_nifti(tmp_path / "pred" / f"{name}.nii.gz", cube, affine)
+    write_nifti(tmp_path / "truth" / "c.nii.gz", cube, affine)
+    result = runner.invoke(
+        app, ["score", str(tmp_path / "pred"), str(tmp_path / "truth"), "--out", str(tmp_path / "s.csv")]
+    )
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("ctsynth: error: ")]
+    assert [e.split()[2] for e in errors] == ["a:", "b:", "c:"]
+    rows = "volume_id,sensitivity,dice,f2,nodule_present\n" + "".join(
+        f"v{k},0.5,{0.1 * k},0.5,yes\n" for k in range(1, 5)
+    )
+    (tmp_path / "x.csv").write_text(rows)
+    result = runner.invoke(app, ["compare", str(tmp_path / "x.csv"), str(tmp_path / "x.csv"), "--ci", "thesis"])
+    assert result.exit_code == 0 and "95% CI (thesis)" in result.output
+    assert runner.invoke(app, ["compare", str(tmp_path / "x.csv"), str(tmp_path / "x.csv"), "--ci", "z"]).exit_code == 2
+
+
+def test_the_terminal_shows_each_progress_line_once_and_ray_reports_only_when_verbose(gan_data, tmp_path, ray_session):
+    """The real command in a subprocess (Ray's log forwarding writes to the process' own stdout), joined to the
+    session's Ray."""
+    import subprocess
+    import sys
+
+    address = ray_session.get_runtime_context().gcs_address
+    base = [sys.executable, "-m", "ctsynth_ray.cli.main", "train-gan", str(gan_data), "--model", "pix2pix",
+            "--batch", "2", "--steps", "2", "--unet-width", "8", "--address", address,
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    quiet = subprocess.run([*base, "--out", str(tmp_path / "quiet")], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    terminal = quiet.stdout + quiet.stderr
+    assert terminal.count("train-gan: step 2/2") == 1 and terminal.count("train-gan: pix2pix 2D") == 1
+    for noise in ("TrainingReport", "Checkpoint successfully created", "Started training worker group",
+                  "Creating initial MLflow database tables", "PreemptionWatcher"):  # fmt: skip
+        assert noise not in terminal
+    verbose = subprocess.run([*base, "--out", str(tmp_path / "verbose"), "--verbose"], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert verbose.returncode == 0, verbose.stderr
+    terminal = verbose.stdout + verbose.stderr
+    assert "TrainingReport" in terminal and terminal.count("train-gan: step 2/2") == 1

@@ -1,9 +1,10 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from ctsynth_ray.dataset import load_volume, read_manifest
-from ctsynth_ray.gan_data import GanPairs, pairs_from_crop, parse_dims, write_volume_shards
+from ctsynth_ray.dataset import Volume, centred_affine, load_volume, read_manifest
+from ctsynth_ray.gan_data import GanPairs, nodule_crops, pairs_from_crop, parse_dims, write_volume_shards
 from ctsynth_ray.labels import Tissue
 
 
@@ -32,7 +33,8 @@ def test_shards_have_tensor_columns_and_the_loader_encodes(labelled_dataset, tmp
 
     row = next(r for r in read_manifest(labelled_dataset) if r["n_nodules"])
     volume = load_volume(labelled_dataset, row)
-    counts = write_volume_shards(tmp_path, "train", volume, ["2d", "2p5d", "3d"], 32, 3, int(Tissue.OUTSIDE_AIR))
+    counts = write_volume_shards(tmp_path, "train", volume, ["2d", "2p5d", "3d"], 32, 3, int(Tissue.OUTSIDE_AIR),
+                                 "per-nodule")  # fmt: skip
     assert counts["3d"] == row["n_nodules"] and counts["2d"] == counts["2p5d"] > 0
     table = pq.read_table(tmp_path / "train" / f"2d-{row['volume_id']}.parquet")
     assert table.column("label").type.shape == [32, 32] and str(table.column("hu").type.value_type) == "int16"
@@ -44,3 +46,40 @@ def test_shards_have_tensor_columns_and_the_loader_encodes(labelled_dataset, tmp
     assert float(ct.min()) >= -0.52 and float(ct.max()) < 2  # HU / 2000
     scalar, _ = GanPairs(tmp_path, "train", "3d")[0]
     assert tuple(scalar.shape) == (1, 32, 32, 32)
+
+
+def two_nodule_volume() -> Volume:
+    """A 40^3 volume with a large nodule (5^3) and a small one (3^3) far apart, HU = x index."""
+    mask = np.zeros((40, 40, 40), np.uint8)
+    mask[5:10, 5:10, 5:10] = 1
+    mask[30:33, 30:33, 30:33] = 1
+    hu = np.broadcast_to(np.arange(40, dtype=np.int16)[:, None, None], mask.shape).copy()
+    label = np.where(mask > 0, Tissue.NODULE, Tissue.SOFT_TISSUE).astype(np.uint8)
+    return Volume("two", hu, mask, centred_affine(mask.shape, (1, 1, 1)), label)
+
+
+def test_one_crop_per_volume_centred_on_the_largest_nodule():
+    volume = two_nodule_volume()
+    ((label, hu),) = nodule_crops(volume, 16, int(Tissue.OUTSIDE_AIR), "one")
+    assert hu[8, 8, 8] == 7  # centred on the large nodule (x 5..9)
+    assert (label == Tissue.NODULE).sum() == 125
+    both = nodule_crops(volume, 16, int(Tissue.OUTSIDE_AIR), "per-nodule")
+    assert [int(h[8, 8, 8]) for _, h in both] == [7, 31]  # largest first
+    with pytest.raises(ValueError, match="crops must be one of"):
+        nodule_crops(volume, 16, 0, "all")
+
+
+def test_slices_are_grouped_by_crop_for_the_interslice_measure(tmp_path):
+    import json
+
+    from ctsynth_ray.models.validation import validate
+
+    volume = two_nodule_volume()
+    write_volume_shards(tmp_path, "val", volume, ["2d"], 16, 3, int(Tissue.OUTSIDE_AIR), "per-nodule")
+    (tmp_path / "gan_data.json").write_text(json.dumps({"scheme": "body"}))
+    pairs = GanPairs(tmp_path, "val", "2d")
+    assert pairs.crops == [0] * 5 + [1] * 3 and pairs.z == [6, 7, 8, 9, 10, 7, 8, 9]
+    # Real slices of one crop are identical along z (HU = x index); slices of the two crops are not (the first
+    # crop is padded with air), so pairing z 7 of one crop with z 8 of the other would show a difference.
+    metrics = validate(lambda label: torch.zeros(len(label), 1, 16, 16), pairs)
+    assert metrics["interslice_real"] == 0.0 and metrics["interslice_generated"] == 0.0

@@ -95,3 +95,54 @@ def test_bad_csvs_are_clear_errors(tmp_path, rows, header, message):
     path = write_csv(tmp_path / "bad.csv", rows, header)
     with pytest.raises(CtsynthError, match=f"bad.csv: .*{message}"):
         read_scores_csv(path)
+
+
+def test_thesis_interval_divides_the_population_sd_by_all_volumes(tmp_path):
+    base_dice, cand_dice = [0.2, 0.5, 0.4, 0.7, 0.6], [0.3, 0.55, 0.6, 0.65, 0.9]
+    base = write_csv(tmp_path / "b.csv", [f"v{k},0.5,{d},0.4,yes,x" for k, d in enumerate(base_dice)]
+                     + ["n0,,,,no,x", "n1,,,,no,x", "n2,,,,no,x"])  # fmt: skip
+    cand = write_csv(tmp_path / "c.csv", [f"v{k},0.6,{d},0.5,1,y" for k, d in enumerate(cand_dice)]
+                     + ["n0,,,,0,y", "n1,,,,0,y", "n2,,,,0,y"])  # fmt: skip
+    thesis = compare(read_scores_csv(base), read_scores_csv(cand), ci="thesis")
+    half = 1.96 * np.std(base_dice, ddof=0) / np.sqrt(8)  # 8 volumes scored, 5 with a nodule
+    assert thesis["ci"] == "thesis"
+    assert thesis["metrics"]["dice"]["baseline"]["ci95"] == pytest.approx([0.48 - half, 0.48 + half])
+    t = compare(read_scores_csv(base), read_scores_csv(cand))
+    assert (
+        t["ci"] == "t"
+        and t["metrics"]["dice"]["baseline"]["ci95"][0] < thesis["metrics"]["dice"]["baseline"]["ci95"][0]
+    )
+    assert t["metrics"]["dice"]["p_value"] == thesis["metrics"]["dice"]["p_value"]  # the tests do not change
+    with pytest.raises(ValueError, match="ci must be one of"):
+        compare(read_scores_csv(base), read_scores_csv(cand), ci="z")
+
+
+def test_score_reports_every_problem_one_line_each(tmp_path):
+    affine = centred_affine((4, 4, 4), (1, 1, 1))
+    cube = np.zeros((4, 4, 4), np.uint8)
+    for name in ("a", "b"):
+        write_nifti(tmp_path / "pred" / f"{name}.nii.gz", cube, affine)
+    write_nifti(tmp_path / "truth" / "a.nii.gz", np.zeros((4, 4, 5), np.uint8), affine)
+    write_nifti(tmp_path / "truth" / "c.nii.gz", cube, affine)
+    with pytest.raises(CtsynthError) as error:
+        score_folders(tmp_path / "pred", tmp_path / "truth")
+    lines = str(error.value).splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("b: no true mask in") and lines[1].startswith(f"c: no c.nii.gz in {tmp_path / 'pred'}")
+    assert lines[2].startswith("a: prediction grid (4, 4, 4) does not match the truth grid (4, 4, 5)")
+
+
+def test_score_against_a_dataset_split(phantom_dataset, tmp_path):
+    from ctsynth_ray.dataset import read_manifest, read_nifti
+
+    test_rows = [r for r in read_manifest(phantom_dataset) if r["split"] == "test"]
+    for row in test_rows:  # a perfect prediction of the test split
+        mask, affine = read_nifti(phantom_dataset / row["mask"])
+        write_nifti(tmp_path / "pred" / f"{row['volume_id']}.nii.gz", mask, affine)
+    rows = score_folders(tmp_path / "pred", phantom_dataset, "test")
+    assert [r["volume_id"] for r in rows] == sorted(r["volume_id"] for r in test_rows)
+    assert all(r["accuracy"] == 1.0 for r in rows)
+    with pytest.raises(CtsynthError, match=r"no .*nii\.gz in"):
+        score_folders(tmp_path / "pred", phantom_dataset)  # every split: the other volumes have no prediction
+    with pytest.raises(CtsynthError, match="needs a dataset"):
+        score_folders(tmp_path / "pred", tmp_path / "pred", "test")

@@ -4,10 +4,14 @@ import torch
 
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.segmentation import (
+    AIR,
     UNet,
+    check_no_leakage,
     dice_ce_loss,
+    gan_overlap_warnings,
     parse_spec,
     sample_patches,
+    segment,
     select_volumes,
     sliding_window,
 )
@@ -78,3 +82,102 @@ def test_prefetch_yields_in_order():
 
     assert list(prefetch(lambda k: k * k, range(7), depth=3)) == [k * k for k in range(7)]
     assert list(prefetch(lambda k: k, [])) == []
+
+
+def fake_dataset(root, ids, source="phantom", split="train", **extra):
+    """A manifest-only dataset: enough for volume selection (no NIfTI files are read)."""
+    from ctsynth_ray.dataset import write_manifest
+
+    rows = [{"volume_id": v, "image": f"images/{v}.nii.gz", "mask": f"masks/{v}.nii.gz", "label": None,
+             "split": split, "source": source, "shape_x": 8, "shape_y": 8, "shape_z": 8, "spacing_x": 1.0,
+             "spacing_y": 1.0, "spacing_z": 1.0, "n_nodules": 0, "nodule_voxels": 0,
+             **{k: v_(v) for k, v_ in extra.items()}} for v in ids]  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    write_manifest(root, rows)
+    return root
+
+
+def ids(volumes):
+    return {row["volume_id"] for _, row in volumes}
+
+
+def test_set_ups_are_nested_for_one_seed_and_differ_between_seeds(tmp_path):
+    synth = fake_dataset(tmp_path / "synth", [f"s{k:03d}" for k in range(200)], source="synthetic")
+    small, middle, large = (ids(select_volumes([parse_spec(f"{synth}:n={n}")], seed=3)) for n in (20, 50, 140))
+    assert len(small) == 20 and small < middle < large
+    assert ids(select_volumes([parse_spec(f"{synth}:n=20")], seed=4)) != small
+    # A mixed set-up adds to, and never swaps, what the smaller set-up of the same seed drew.
+    real = fake_dataset(tmp_path / "real", [f"r{k:03d}" for k in range(30)])
+    mixed = select_volumes([parse_spec(f"{real}:n=5"), parse_spec(f"{synth}:n=50")], seed=3)
+    assert ids(mixed) == ids(select_volumes([parse_spec(f"{real}:n=5")], 3)) | middle
+
+
+def test_the_draw_does_not_depend_on_manifest_order(tmp_path):
+    names = [f"v{k:02d}" for k in range(40)]
+    a = fake_dataset(tmp_path / "a", names)
+    b = fake_dataset(tmp_path / "b", names[::-1])
+    assert ids(select_volumes([parse_spec(f"{a}:n=10")], 0)) == ids(select_volumes([parse_spec(f"{b}:n=10")], 0))
+
+
+def test_a_volume_picked_twice_is_refused(tmp_path):
+    real = fake_dataset(tmp_path / "real", ["a", "b", "c"])
+    with pytest.raises(CtsynthError, match="picked by more than one --train spec"):
+        select_volumes([parse_spec(str(real)), parse_spec(f"{real}:train:n=1")], 0)
+
+
+def test_leakage_into_the_validation_set_is_refused_naming_the_volumes(tmp_path):
+    real = fake_dataset(tmp_path / "real", ["p1", "p2", "p3"])
+    val_rows = [{"volume_id": "p3"}, {"volume_id": "p9"}]
+    copies = fake_dataset(tmp_path / "copies", ["p3"])  # a re-ingested copy of a validation volume
+    synth = fake_dataset(tmp_path / "synth", ["s1", "s2"], source="synthetic",
+                         source_volume_id=lambda v: "p9" if v == "s2" else "p1")  # fmt: skip
+    check_no_leakage(select_volumes([parse_spec(f"{real}:n=2")], 0), [{"volume_id": "p9"}])
+    with pytest.raises(CtsynthError) as error:
+        check_no_leakage(select_volumes([parse_spec(str(copies)), parse_spec(str(synth))], 0), val_rows)
+    assert str(error.value).splitlines() == [
+        "1 training volume(s) are also validation volumes: p3",
+        "1 synthetic training volume(s) were cut from validation volumes: s2 (from p9)",
+    ]
+    with pytest.raises(CtsynthError, match=r"training volume.*validation volumes: p3$"):
+        check_no_leakage(select_volumes([parse_spec(str(real))], 0), val_rows)
+
+
+def test_a_mixed_set_whose_real_part_trained_the_gan_is_warned_about(tmp_path):
+    from ctsynth_ray.dataset import PREPARE_RECORD, write_json
+
+    real = fake_dataset(tmp_path / "real", ["t1", "t2", "u1"])
+    synth = fake_dataset(tmp_path / "synth", ["s1"], source="synthetic", source_volume_id=lambda v: "t1")
+    write_json(real / PREPARE_RECORD, {"gan_data": "/g", "bank": "/g/b", "gan_train_split": "train",
+                                       "gan_train_volumes": ["t1", "t2"]})  # fmt: skip
+    both = select_volumes([parse_spec(str(real)), parse_spec(str(synth))], 0)
+    (warning,) = gan_overlap_warnings(both)
+    assert "2 real training volume(s) trained the GAN" in warning and "t1, t2" in warning
+    assert gan_overlap_warnings(select_volumes([parse_spec(str(real))], 0)) == []  # real only: the baseline
+    unseen = fake_dataset(tmp_path / "unseen", ["u1"])
+    assert gan_overlap_warnings(select_volumes([parse_spec(str(unseen)), parse_spec(str(synth))], 0)) == []
+
+
+def test_sliding_window_pads_with_the_given_value():
+    volume = np.zeros((4, 4, 4), np.float32)
+
+    def window_mean(windows):
+        return windows.mean(dim=(2, 3, 4), keepdim=True).expand_as(windows).numpy()
+
+    assert float(sliding_window(volume, window_mean, patch=8)[0].max()) == 0.0
+    padded = sliding_window(volume, window_mean, patch=8, pad_value=-0.5)
+    np.testing.assert_allclose(padded[0], -0.5 * (1 - 64 / 512), rtol=1e-6)
+
+
+class WindowMean(torch.nn.Module):
+    """Nodule where the window's mean is above -0.4 (a water cube padded with water: yes; with air: no)."""
+
+    def forward(self, x):
+        mean = x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x)
+        return torch.cat([torch.zeros_like(x), mean * 100 + 40], 1)
+
+
+def test_segment_pads_with_air_like_the_patch_sampler():
+    water = np.zeros((4, 4, 4), np.float32)
+    assert pytest.approx(-0.5) == AIR
+    assert segment(WindowMean(), water, patch=8).sum() == 0
+    assert segment(WindowMean(), water, patch=8, pad_value=0.0).all()

@@ -28,7 +28,9 @@ def test_two_worker_run_resumes_and_is_tracked_in_mlflow(gan_data, tmp_path, ray
 
     generator, info = load_generator(run_dir)
     assert info["dims"] == "2.5" and info["label_scheme"] == "body" and info["steps"] == 6
-    assert info["generator"]["in_channels"] == 3  # three label slices in, the centre CT slice out
+    assert info["network"]["in_channels"] == 3  # three label slices in, the centre CT slice out
+    assert info["spacing_mm"] == json.loads((gan_data / "gan_data.json").read_text())["spacing_mm"]
+    assert info["gan"]["pool_size"] == 50 and info["gan"]["norm"] == "instance"
     assert tuple(generator(torch.zeros(1, 3, 32, 32)).shape) == (1, 1, 32, 32)
 
     client = MlflowClient(uri)
@@ -38,6 +40,7 @@ def test_two_worker_run_resumes_and_is_tracked_in_mlflow(gan_data, tmp_path, ray
     history = client.get_metric_history(run.info.run_id, "loss_G")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # resumed: no step repeated or skipped
     assert client.get_metric_history(run.info.run_id, "lr") and "val_mae_hu" in run.data.metrics
+    assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"generator.json", "generator.pt", "samples"} <= artifacts
 

@@ -8,6 +8,9 @@ from ctsynth_ray.dataset import Volume, centred_affine, read_manifest, read_nift
 from ctsynth_ray.ingest.export import export_lidc_case, write_dicom_series
 from ctsynth_ray.phantom import PhantomConfig, make_phantom
 from ctsynth_ray.pipelines.ingest import ingest
+from ctsynth_ray.pipelines.runtime import RayOptions
+
+QUIET = RayOptions(progress=False)
 
 SPACING = (0.48828125, 0.48828125, 1.0)  # the target grid, so no resampling blurs the comparison
 
@@ -18,7 +21,7 @@ def ramp_volume(vid="P1", shape=(24, 20, 6)):
 
 
 def ingest_one(src, out):
-    report = ingest("lidc", src, out, progress=False)
+    report = ingest("lidc", src, out, ray_options=QUIET)
     return report, (read_manifest(out) if (out / "manifest.parquet").exists() else [])
 
 
@@ -124,7 +127,7 @@ def test_one_bad_case_does_not_stop_the_others(tmp_path):
 def test_phantom_round_trip_through_dicom_and_reader_xml(tmp_path, min_readers, expected):
     phantom = make_phantom(0, 0, PhantomConfig(shape=(128, 96, 64)))
     export_lidc_case(phantom.volume, tmp_path / "src")
-    report = ingest("lidc", tmp_path / "src", tmp_path / "ds", min_readers=min_readers, progress=False)
+    report = ingest("lidc", tmp_path / "src", tmp_path / "ds", min_readers=min_readers, ray_options=QUIET)
     assert report.ok
     (row,) = read_manifest(tmp_path / "ds")
     mask, affine = read_nifti(tmp_path / "ds" / row["mask"])

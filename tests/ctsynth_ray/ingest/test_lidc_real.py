@@ -9,13 +9,16 @@ from ctsynth_ray.dataset import read_manifest, read_nifti
 from ctsynth_ray.ingest.dicom import LPS_TO_RAS
 from ctsynth_ray.ingest.lidc_xml import parse_lidc_xml
 from ctsynth_ray.pipelines.ingest import ingest
+from ctsynth_ray.pipelines.runtime import RayOptions
+
+QUIET = RayOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
 def lidc_case(test_data, tmp_path_factory):
     src = test_data / "lidc" / "LIDC-IDRI-0001"
     out = tmp_path_factory.mktemp("lidc") / "ds"
-    report = ingest("lidc", src, out, progress=False)
+    report = ingest("lidc", src, out, ray_options=QUIET)
     assert report.ok, report.failed
     (row,) = read_manifest(out)
     hu, affine = read_nifti(out / row["image"])
@@ -91,7 +94,7 @@ def test_consensus_mask_sits_where_the_readers_drew(lidc_case):
 
 
 def test_orphan_xml_is_a_clear_failure_and_writes_no_volume(test_data, tmp_path):
-    report = ingest("lidc", test_data / "lidc" / "xml-only", tmp_path / "ds", progress=False)
+    report = ingest("lidc", test_data / "lidc" / "xml-only", tmp_path / "ds", ray_options=QUIET)
     assert not report.ok and report.ingested == []
     (failure,) = report.failed
     assert failure["file"].endswith("071.xml") and "no DICOM series with SeriesInstanceUID" in failure["reason"]
@@ -99,7 +102,7 @@ def test_orphan_xml_is_a_clear_failure_and_writes_no_volume(test_data, tmp_path)
 
 
 def test_jpeg2000_series_decodes(test_data, tmp_path):
-    report = ingest("lidc", test_data / "ct" / "abdomen_dicom_j2k", tmp_path / "ds", progress=False)
+    report = ingest("lidc", test_data / "ct" / "abdomen_dicom_j2k", tmp_path / "ds", ray_options=QUIET)
     assert report.ok, report.failed
     assert any("no LIDC reader XML" in n for n in report.notes)
     (row,) = read_manifest(tmp_path / "ds")

@@ -4,6 +4,9 @@ import pytest
 
 from ctsynth_ray.dataset import read_manifest, read_nifti
 from ctsynth_ray.pipelines.ingest import ingest
+from ctsynth_ray.pipelines.runtime import RayOptions
+
+QUIET = RayOptions(progress=False)
 
 
 @pytest.fixture
@@ -22,7 +25,7 @@ def chest_pair(test_data, tmp_path):
 
 def test_nifti_pair_is_reoriented_resampled_and_cleaned(chest_pair, tmp_path):
     src, image, centre = chest_pair
-    report = ingest("nifti", src, tmp_path / "ds", progress=False)
+    report = ingest("nifti", src, tmp_path / "ds", ray_options=QUIET)
     assert report.ok, report.failed
     (row,) = read_manifest(tmp_path / "ds")
     hu, affine = read_nifti(tmp_path / "ds" / row["image"])
@@ -41,7 +44,7 @@ def test_nifti_pair_is_reoriented_resampled_and_cleaned(chest_pair, tmp_path):
 
 
 def test_image_without_mask_is_a_clear_failure(test_data, tmp_path):
-    report = ingest("nifti", test_data / "ct", tmp_path / "ds", progress=False)
+    report = ingest("nifti", test_data / "ct", tmp_path / "ds", ray_options=QUIET)
     (failure,) = report.failed
     assert failure["case"] == "chest_cta_crop" and failure["reason"].startswith("no mask")
 
@@ -49,7 +52,7 @@ def test_image_without_mask_is_a_clear_failure(test_data, tmp_path):
 def test_mismatched_mask_grid_is_a_clear_failure(chest_pair, tmp_path):
     src, image, _ = chest_pair
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), image.affine), src / "chest_mask.nii.gz")
-    report = ingest("nifti", src, tmp_path / "ds", progress=False)
+    report = ingest("nifti", src, tmp_path / "ds", ray_options=QUIET)
     (failure,) = report.failed
     assert "does not match the image grid" in failure["reason"]
     assert not list((tmp_path / "ds").rglob("*.nii.gz"))

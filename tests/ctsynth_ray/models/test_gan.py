@@ -6,8 +6,8 @@ import torch
 
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.gan_data import GanPairs
-from ctsynth_ray.models.gan import GanConfig, GanTrainer, ImagePool, epoch_batches
-from ctsynth_ray.models.registry import GeneratorSpec, export_generator, load_generator
+from ctsynth_ray.models.gan import MODEL_DEFAULTS, GanConfig, GanTrainer, ImagePool, epoch_batches
+from ctsynth_ray.models.registry import GENERATOR_STEM, NetworkSpec, export_network, load_generator, load_segmenter
 from ctsynth_ray.models.validation import batch, validate
 
 SMALL = {"batch": 4, "generator_widths": (8, 16, 32), "residual_blocks": 2, "unet_width": 16, "unet_downs": 5,
@@ -87,22 +87,25 @@ def test_image_pool_returns_history_and_restores():
 
 
 def test_export_and_load_round_trip(tmp_path):
-    spec = GeneratorSpec("resnet", 2, 1, 1, {"widths": [8, 16, 32], "n_blocks": 1})
+    spec = NetworkSpec("resnet", 2, 1, 1, {"widths": [8, 16, 32], "n_blocks": 1})
     trainer = GanTrainer(GanConfig(**{**SMALL, "residual_blocks": 1}), 2, 1, 1)
-    export_generator(tmp_path, trainer.G_A, spec, {"dims": "2", "label_scheme": "body"})
+    export_network(tmp_path, GENERATOR_STEM, trainer.G_A, spec, {"dims": "2", "label_scheme": "body"})
     generator, info = load_generator(tmp_path)
-    assert info["dims"] == "2" and info["generator"]["architecture"] == "resnet"
+    assert info["dims"] == "2" and info["network"]["architecture"] == "resnet"
     x = torch.randn(1, 1, 32, 32)
     torch.testing.assert_close(generator(x), trainer.G_A.eval()(x))
+    with pytest.raises(CtsynthError, match=r"model\.json: not found"):
+        load_segmenter(tmp_path)
     (tmp_path / "generator.json").write_text("{}")
-    with pytest.raises(CtsynthError, match="not a generator description"):
+    with pytest.raises(CtsynthError, match="not a network description"):
         load_generator(tmp_path)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"model": "vae"}, "model must be one of"), ({"gan_mode": "wgan"}, "gan_mode"), ({"batch": 0}, "batch"),
-     ({"epochs": 0, "decay_epochs": 0}, "positive sum"), ({"lr": 0}, "lr")],
+     ({"epochs": 0, "decay_epochs": 0}, "positive sum"), ({"lr": 0}, "lr"), ({"pool_size": -1}, "pool_size"),
+     ({"norm": "group"}, "norm"), ({"lambda_identity": -1}, "lambda_identity")],
 )  # fmt: skip
 def test_bad_gan_configurations_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -123,3 +126,46 @@ def test_a_3d_training_step_on_3d_crops(gan_data, model):
     losses = trainer.train_step(label, ct, ct)
     assert trainer.step == 1 and all(np.isfinite(v) for v in losses.values())
     assert tuple(trainer.generate(label).shape) == (1, 1, 32, 32, 32)
+
+
+@pytest.mark.parametrize("model", ["cyclegan", "pix2pix"])
+def test_model_defaults_are_the_references(model):
+    config = GanConfig(model=model)
+    assert {k: getattr(config, k) for k in MODEL_DEFAULTS[model]} == MODEL_DEFAULTS[model]
+    assert (config.gan_mode, config.pool_size, config.norm) == (
+        ("lsgan", 50, "instance") if model == "cyclegan" else ("vanilla", 0, "batch")
+    )
+    assert GanConfig(model=model, pool_size=7, gan_mode="lsgan").pool_size == 7  # explicit values win
+    assert GanConfig(**config.to_dict()) == config  # a checkpoint's config round-trips
+
+
+@pytest.mark.parametrize("model", ["cyclegan", "pix2pix"])
+@pytest.mark.parametrize("pool_size", [0, 3])
+def test_any_pool_size_trains_both_models(gan_data, model, pool_size):
+    train = GanPairs(gan_data, "train", "2d")
+    trainer = make_trainer(train, model=model, pool_size=pool_size)
+    losses = run(trainer, train, 2)
+    assert trainer.step == 2 and all(np.isfinite(v) for step in losses for v in step.values())
+
+
+def test_backward_d_basic_never_reaches_the_generator(gan_data):
+    train = GanPairs(gan_data, "train", "2d")
+    trainer = make_trainer(train, model="pix2pix")
+    label, ct = batch(train, [0, 1])
+    fake = trainer.G_A(label)
+    loss = trainer.backward_D_basic(trainer.D_A, torch.cat([label, ct], 1), torch.cat([label, fake], 1))
+    assert loss.item() > 0
+    assert all(p.grad is None for p in trainer.G_A.parameters())
+    assert all(p.grad is not None for p in trainer.D_A.parameters())
+
+
+@pytest.mark.parametrize("model, expected", [("pix2pix", [True, True, False]), ("cyclegan", [False, True, True])])
+def test_step_order_follows_the_reference(gan_data, model, expected):
+    """Whether D_A is trainable at each of its calls in one step: pix2pix steps D (real, fake) and then G with D
+    frozen; CycleGAN steps G with D frozen and then D."""
+    train = GanPairs(gan_data, "train", "2d")
+    trainer = make_trainer(train, model=model)
+    trainable = []
+    trainer.D_A.register_forward_hook(lambda net, args, out: trainable.append(next(net.parameters()).requires_grad))
+    run(trainer, train, 1)
+    assert trainable == expected
