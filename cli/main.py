@@ -409,6 +409,34 @@ def train_gan(
                f"description {out / 'generator.json'}; MLflow {options.tracking_uri} (experiment {experiment})")  # fmt: skip
 
 
+@app.command()
+@user_errors
+def generate(
+    n: int = typer.Option(..., "--n", min=1, help="Number of volumes (volume i depends only on (seed, i))."),
+    model: Path = typer.Option(..., "--model", help="A finished train-gan run (RUN/generator.pt + generator.json)."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder to create: images, masks, labels, manifest."),
+    source: Path | None = typer.Option(None, help="Dataset to cut label cubes from [default: the generator's]."),
+    bank: Path | None = typer.Option(None, help="Nodule template bank [default: the generator's GAN data bank]."),
+    size: int | None = typer.Option(None, min=8, help="Cube size in voxels [default: the generator's]."),
+    seed: Seed = 0,
+    actors: int | None = typer.Option(None, min=1, help="Generator actors [default: one per GPU, else one per CPU]."),
+    gpus_per_actor: float | None = typer.Option(None, min=0.0, help="GPUs per actor [default: 1 if there are GPUs]."),
+    batch: int | None = typer.Option(None, min=1, help="Slices per pass (3D: volumes) [default: 512 GPU, 16 CPU]."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the generator (worth it on GPUs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run; finished volumes are kept."),
+    address: Address = None,
+) -> None:
+    """Make synthetic CT volumes with nodule masks from a generator."""
+    from ctsynth_ray.pipelines.generate import GenerateOptions
+    from ctsynth_ray.pipelines.generate import generate as run_generate
+
+    options = GenerateOptions(n=n, model=str(model), out=str(out), source=str(source) if source else None,
+                              bank=str(bank) if bank else None, size=size, seed=seed, actors=actors,
+                              gpus_per_actor=gpus_per_actor, batch=batch, compile=compile, resume=resume)  # fmt: skip
+    summary = run_generate(options, ray_options(address=address), echo=typer.echo)
+    typer.echo(summary.format())
+
+
 @app.command("train-seg")
 @user_errors
 def train_seg(
@@ -446,6 +474,8 @@ def train_seg(
             parse_spec(spec)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
+    if parse_spec(val).n is not None:
+        raise typer.BadParameter("--val takes DATASET[:split]: every volume is evaluated, not :n=N")
     try:
         options = TrainSegOptions(
             train=tuple(train), val=val, run_dir=str(out), iterations=iterations, patch=patch,
@@ -497,9 +527,15 @@ def score(
 ) -> None:
     """Score predicted masks: sensitivity, accuracy, Dice, F2."""
     from ctsynth_ray.seg_metrics import score_folders, write_scores_csv
+    from ctsynth_ray.segmentation import parse_spec
 
-    folder, _, split = truth.partition(":")
-    rows = score_folders(pred_dir, folder, split or None)
+    try:
+        spec = parse_spec(truth)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="TRUTH") from None
+    if spec.n is not None:
+        raise typer.BadParameter("takes a folder or DATASET[:split], not :n=N", param_hint="TRUTH")
+    rows = score_folders(pred_dir, spec.dataset, spec.split)
     write_scores_csv(out, rows)
     typer.echo(f"scored {len(rows)} volume(s): {out}")
 
@@ -532,7 +568,8 @@ def compare(
 @user_errors
 def demo(
     out: Path = typer.Option(Path("ctsynth-demo"), help="Folder for every demo output (replaced each run)."),
-    n: int = typer.Option(10, min=4, help="Number of phantoms."),
+    n: int = typer.Option(12, min=8, help="Number of phantoms."),
+    generated: int = typer.Option(12, min=1, help="Synthetic CT volumes to generate."),
     workers: int = typer.Option(2, min=1, help="Ray tasks in parallel (and Ray Train workers)."),
     gan_steps: int = typer.Option(80, min=1, help="GAN training steps."),
     seg_iterations: int = typer.Option(80, min=1, help="U-Net training iterations per run."),
@@ -543,7 +580,8 @@ def demo(
     from ctsynth_ray.pipelines.demo import DemoOptions, run_demo
     from ctsynth_ray.pipelines.tracking import default_tracking_uri
 
-    options = DemoOptions(out=out, n=n, workers=workers, gan_steps=gan_steps, seg_iterations=seg_iterations,
+    options = DemoOptions(out=out, n=n, generated=generated, workers=workers, gan_steps=gan_steps,
+                          seg_iterations=seg_iterations,
                           tracking_uri=tracking_uri or default_tracking_uri(), verbose=verbose)  # fmt: skip
     outputs, seconds = run_demo(options, echo=typer.echo)
     typer.echo(f"\ndemo finished in {seconds:.0f} s. Outputs:")

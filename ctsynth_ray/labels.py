@@ -102,6 +102,26 @@ def encode_labels(label: np.ndarray, scheme: str, encoding: str = "scalar") -> n
     raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
 
 
+def encode_labels_tensor(label, scheme: str, encoding: str = "scalar"):
+    """:func:`encode_labels` for a torch tensor of labels (batch, *spatial), on its device: (batch, channels,
+    *spatial) float32, the same values bit for bit."""
+    import torch
+
+    if encoding == "scalar":
+        return (label.to(torch.float32) / 3.0 - 1.0).unsqueeze(1)
+    if encoding == "onehot":
+        classes = torch.arange(n_classes(scheme), dtype=label.dtype, device=label.device)
+        return (label.unsqueeze(1) == classes.reshape(1, -1, *([1] * (label.ndim - 1)))).to(torch.float32)
+    raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+
+
+def network_to_hu_tensor(values):
+    """:func:`network_to_hu` for a torch tensor, on its device: int16 HU, the same values bit for bit."""
+    import torch
+
+    return torch.clamp(torch.round(values.to(torch.float32) * HU_SCALE), -1024, 3071).to(torch.int16)
+
+
 def hu_to_network(hu: np.ndarray) -> np.ndarray:
     """HU -> network scale (HU / 2000, float32)."""
     return np.asarray(hu, np.float32) / HU_SCALE

@@ -11,8 +11,8 @@ paired t-test p-value and the Wilcoxon signed-rank p-value of candidate against 
 
 - ``t`` (the default): mean +- t(0.975, n - 1) x sd(n - 1) / sqrt(n), n the volumes with a value: the interval
   of a mean estimated from n volumes.
-- ``thesis``: mean +- 1.96 x sd(n) / sqrt(N), with the population sd and N *all* scored volumes, those without a
-  nodule included: what reproduces the thesis' tables. With few volumes, or many without a nodule, it is too
+- ``thesis``: mean +- 1.96 x sd(n) / sqrt(N), with the population sd (also the reported sd) and N *all* scored
+  volumes, those without a nodule included: what reproduces the thesis' tables. With few volumes, or many without a nodule, it is too
   narrow, which is why it is not the default.
 """
 
@@ -152,8 +152,8 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def describe(values: np.ndarray, ci: str = "t", n_all: int | None = None) -> dict:
-    """median, mean, sample sd (n - 1) and the 95 % CI of the mean by ``ci`` (see the module docstring;
-    ``thesis`` divides by sqrt(``n_all``), all scored volumes)."""
+    """median, mean, sd and the 95 % CI of the mean by ``ci`` (see the module docstring): ``t`` reports the sample
+    sd (n - 1); ``thesis`` the population sd (n) and divides by sqrt(``n_all``), all scored volumes."""
     from scipy import stats
 
     if ci not in CI_METHODS:
@@ -161,8 +161,9 @@ def describe(values: np.ndarray, ci: str = "t", n_all: int | None = None) -> dic
     n = len(values)
     mean = float(np.mean(values)) if n else float("nan")
     sd = float(np.std(values, ddof=1)) if n > 1 else float("nan")
-    if ci == "thesis":
-        half = 1.96 * float(np.std(values, ddof=0)) / math.sqrt(n_all or n) if n else float("nan")
+    if ci == "thesis":  # the thesis' population sd, also in the table, so that its numbers can be checked
+        sd = float(np.std(values, ddof=0)) if n else float("nan")
+        half = 1.96 * sd / math.sqrt(n_all or n) if n else float("nan")
     else:
         half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
     return {"median": float(np.median(values)) if n else float("nan"), "mean": mean, "std": sd,

@@ -6,7 +6,7 @@ drawn reproducibly by the seed when given. The thesis' set-ups, with the GAN tra
 
     real-344                 --train real:train:n=344
     synthetic-344 / -1400    --train synth:n=344              --train synth:n=1400
-    real-59 + synthetic-590  --train real:test:n=59 --train synth:n=590   (the split the GAN never saw)
+    real-59 + synthetic-590  --train real:test:n=59 --train synth:n=590   (a split the GAN never trained on)
 
 A seed draws one permutation of each dataset and every spec takes a prefix of it (within its split), so with
 one seed ``synth:n=344`` is a subset of ``synth:n=590``, itself a subset of ``synth:n=1400``: set-ups differ
@@ -163,12 +163,15 @@ def name_list(names, limit: int = 8) -> str:
 
 def check_no_leakage(train: list[tuple[Path, dict]], val_rows: list[dict]) -> None:
     """CtsynthError, one line per kind of leak, when a training volume is a validation volume (by ``volume_id``,
-    whichever dataset holds it: a re-ingested copy has the same id) or a synthetic training volume was cut from a
-    validation volume (its ``source_volume_id``)."""
+    whichever dataset holds it: a re-ingested copy has the same id), a synthetic training volume was cut from a
+    validation volume (its ``source_volume_id``), or carries a nodule template cut from one (its ``template_id``,
+    ``<volume_id>#<k>``)."""
     val_ids = {r["volume_id"] for r in val_rows}
     shared = sorted({row["volume_id"] for _, row in train} & val_ids)
     derived = sorted(f"{row['volume_id']} (from {row['source_volume_id']})" for _, row in train
                      if row.get("source_volume_id") in val_ids)  # fmt: skip
+    pasted = sorted(f"{row['volume_id']} (template {row['template_id']})" for _, row in train
+                    if row.get("template_id") and row["template_id"].rsplit("#", 1)[0] in val_ids)  # fmt: skip
     problems = []
     if shared:
         problems.append(f"{len(shared)} training volume(s) are also validation volumes: {name_list(shared)}")
@@ -176,31 +179,52 @@ def check_no_leakage(train: list[tuple[Path, dict]], val_rows: list[dict]) -> No
         problems.append(
             f"{len(derived)} synthetic training volume(s) were cut from validation volumes: {name_list(derived)}"
         )
+    if pasted:
+        problems.append(
+            f"{len(pasted)} synthetic training volume(s) carry a nodule cut from a validation volume: {name_list(pasted)}"
+        )
     if problems:
         raise CtsynthError("\n".join(problems))
 
 
+def gan_training_volumes(train: list[tuple[Path, dict]]) -> dict[str, str]:
+    """{volume_id: where that is recorded} of the real volumes that trained the GAN(s) behind a training set: from
+    the GAN data of each generator that made its synthetic volumes (``generator`` column -> generator.json ->
+    gan_data.json), and from the prepare record of each dataset in it."""
+    import json
+
+    found: dict[str, str] = {}
+    generators = {row["generator"] for _, row in train if row.get("source") == "synthetic" and row.get("generator")}
+    for generator in sorted(generators):
+        try:
+            gan_data = Path(json.loads((Path(generator) / "generator.json").read_text())["training_data"]["path"])
+            volumes = json.loads((gan_data / "gan_data.json").read_text())["volumes"]["train"]
+        except (OSError, ValueError, KeyError):
+            continue  # a generator moved or made elsewhere: its training data are not on this machine
+        found.update(dict.fromkeys(volumes, f"GAN data {gan_data}"))
+    for dataset in {dataset for dataset, _ in train}:
+        record = read_prepare_record(dataset)
+        if record:
+            found.update(dict.fromkeys(record.get("gan_train_volumes", []), f"prepare --out {record.get('gan_data')}"))
+    return found
+
+
 def gan_overlap_warnings(train: list[tuple[Path, dict]]) -> list[str]:
-    """Warnings for a training set that mixes synthetic volumes with real volumes that trained the GAN (what
-    ``prepare`` recorded in the real dataset): the thesis' mixed set-up takes its real part from the split the
-    GAN never saw. Real-only and synthetic-only sets get none."""
+    """Warnings for a training set that mixes synthetic volumes with real volumes that trained the GAN (by
+    ``volume_id``, so re-ingested copies count): the thesis' mixed set-up takes its real part from a split the
+    GAN never trained on. Real-only and synthetic-only sets get none."""
     if not any(row.get("source") == "synthetic" for _, row in train):
         return []
+    trained = gan_training_volumes(train)
     real: dict[Path, list[str]] = {}
     for dataset, row in train:
-        if row.get("source") != "synthetic":
+        if row.get("source") != "synthetic" and row["volume_id"] in trained:
             real.setdefault(dataset, []).append(row["volume_id"])
-    warnings = []
-    for dataset, ids in real.items():
-        record = read_prepare_record(dataset)
-        overlap = sorted(set(ids) & set(record.get("gan_train_volumes", []))) if record else []
-        if overlap:
-            warnings.append(
-                f"{dataset}: {len(overlap)} real training volume(s) trained the GAN ({record['gan_train_split']} split, "
-                f"prepare --out {record['gan_data']}): {name_list(overlap)}; the thesis' mixed set-up takes its real "
-                f"part from a split the GAN never saw (e.g. {dataset}:test:n=N)"
-            )
-    return warnings
+    return [
+        f"{dataset}: {len(ids)} real training volume(s) trained the GAN ({trained[ids[0]]}): {name_list(sorted(ids))}; "
+        f"the thesis' mixed set-up takes its real part from a split the GAN never trained on (e.g. {dataset}:test:n=N)"
+        for dataset, ids in real.items()
+    ]
 
 
 @dataclass
@@ -293,10 +317,11 @@ def gaussian_weight(patch: int, sigma_scale: float = 0.125) -> np.ndarray:
 
 
 def sliding_window(volume: np.ndarray, predict, patch: int, overlap: float = 0.5, batch: int = 8,
-                   pad_value: float = 0.0) -> np.ndarray:  # fmt: skip
+                   pad_value: float = AIR) -> np.ndarray:  # fmt: skip
     """Whole-volume output of ``predict`` (a function of (N, 1, p, p, p) tensors -> (N, C, p, p, p)) from
     overlapping ``patch``^3 windows averaged with Gaussian weights; returns (C, *volume.shape) float32. A volume
-    smaller than a window is padded with ``pad_value`` (as MONAI's ``sliding_window_inference`` ``cval``)."""
+    smaller than a window is padded with ``pad_value`` (air by default; MONAI's ``sliding_window_inference`` calls
+    it ``cval``)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     padded_shape = [max(n, patch) for n in volume.shape]
@@ -324,6 +349,7 @@ def segment(model: nn.Module, ct: np.ndarray, patch: int, device="cpu", overlap:
             pad_value: float = AIR) -> np.ndarray:  # fmt: skip
     """Nodule mask (uint8) of a network-scaled CT volume by sliding-window softmax, threshold 0.5; windows past
     the volume's edge see air (``pad_value``), as the training patches do."""
+    was_training = model.training
     model.eval()
 
     @torch.no_grad()
@@ -336,4 +362,4 @@ def segment(model: nn.Module, ct: np.ndarray, patch: int, device="cpu", overlap:
     try:
         return (sliding_window(ct, predict, patch, overlap, pad_value=pad_value)[1] >= 0.5).astype(np.uint8)
     finally:
-        model.train()
+        model.train(was_training)

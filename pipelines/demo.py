@@ -1,7 +1,9 @@
 """`ctsynth demo`: the whole chain, as far as it is built, on built-in phantoms, with a list of every output.
 
-Each step prints one line (``[k/N] what``) and calls the same pipeline functions as the commands. The U-Net runs
-are scored on the phantoms' test split, which no training set of the demo contains.
+Each step prints one line (``[k/N] what``) and calls the same pipeline functions as the commands. As in the
+thesis: the GAN trains on the phantoms' train split; the U-Nets are scored on the val split, which no training
+set contains; the mixed set-up takes its real part from the test split, which the GAN never trained on, and its
+synthetic part from `generate`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from ctsynth_ray.pipelines.runtime import RayOptions
 @dataclass(frozen=True)
 class DemoOptions:
     out: Path = Path("ctsynth-demo")
-    n: int = 10
+    n: int = 12
+    generated: int = 12
     workers: int = 2
     gan_steps: int = 80
     seg_iterations: int = 80
@@ -27,8 +30,8 @@ class DemoOptions:
     verbose: bool = False
 
     def __post_init__(self):
-        if self.n < 4:
-            raise ValueError(f"the demo needs at least 4 phantoms, got {self.n}")
+        if self.n < 8:
+            raise ValueError(f"the demo needs at least 8 phantoms (2 in each of val and test), got {self.n}")
 
 
 def _checked(dataset: Path, echo) -> None:
@@ -46,9 +49,10 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     from ctsynth_ray.dataset import load_volume, read_manifest
     from ctsynth_ray.ingest.export import export_lidc_case
     from ctsynth_ray.models.gan import GanConfig
+    from ctsynth_ray.pipelines.generate import GenerateOptions, generate
     from ctsynth_ray.pipelines.ingest import ingest
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
-    from ctsynth_ray.pipelines.prepare import prepare
+    from ctsynth_ray.pipelines.prepare import BANK_NAME, prepare
     from ctsynth_ray.pipelines.segment import segment_dataset
     from ctsynth_ray.pipelines.synth_labels import synth_labels
     from ctsynth_ray.pipelines.train_gan import TrainGanOptions, train_gan
@@ -60,7 +64,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     out, workers = Path(options.out), options.workers
     parallel = RayOptions(workers=workers, overwrite=True)
     outputs: list[tuple[str, Path]] = []
-    total = 9
+    total = 10
 
     def step(k: int, text: str) -> None:
         echo(f"\n[{k}/{total}] {text}  ({time.monotonic() - started:.0f} s)")
@@ -68,8 +72,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     out.mkdir(parents=True, exist_ok=True)
     phantoms = out / "phantoms"
     step(1, f"{options.n} thoracic CT phantoms with nodules, on {workers} Ray worker(s)")
-    # A larger test split than usual, so that the GAN has held-out nodule slices to validate on.
-    make_phantom_dataset(phantoms, options.n, seed=0, split_fractions=(0.6, 0.1, 0.3), ray_options=parallel)
+    # Larger val and test splits than usual: the U-Nets are scored on val, the GAN validates on test.
+    make_phantom_dataset(phantoms, options.n, seed=0, split_fractions=(0.5, 0.25, 0.25), ray_options=parallel)
     outputs.append(("phantom dataset", phantoms))
 
     step(2, "inspect the phantoms and draw a preview")
@@ -95,7 +99,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     description = prepare(phantoms, gan_data, scheme="body", ray_options=parallel)
     echo(f"GAN data: {description['counts']}; {len(description['templates'])} nodule templates")
     outputs += [("label maps", phantoms / "labels"), ("GAN training data", gan_data),
-                ("nodule template bank", gan_data / "nodule_bank.parquet"),
+                ("nodule template bank", gan_data / BANK_NAME),
                 ("prepare record", phantoms / "prepare.json")]  # fmt: skip
 
     step(5, "synth-labels: 24 new 128^3 label volumes with nodules pasted from the saved template bank")
@@ -122,14 +126,24 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     outputs += [("GAN samples (last epoch)", samples[-1])] if samples else []
     outputs += [("MLflow store", Path(options.tracking_uri.removeprefix("sqlite:///")))]
 
+    step(7, f"generate: {options.generated} synthetic CT volumes of 128^3 from new label volumes, with the GAN")
+    synthetic = out / "synthetic"
+    shutil.rmtree(synthetic, ignore_errors=True)
+    summary = generate(GenerateOptions(n=options.generated, model=str(gan_run), out=str(synthetic), actors=workers,
+                                       gpus_per_actor=0, chunk=2), RayOptions(workers=workers), echo=echo)  # fmt: skip
+    echo(summary.format())
+    _checked(synthetic, echo)
+    outputs += [("generated CT dataset", synthetic),
+                ("generated CT preview", write_preview(synthetic, out / "synthetic-preview.png"))]  # fmt: skip
+
     seg_runs = {}
-    set_ups = (("real-only", (f"{phantoms}:train",)), ("mixed", (f"{phantoms}:train:n=3", str(ingested))))
-    for k, (name, train_specs) in enumerate(set_ups, start=7):
+    set_ups = (("real-only", (f"{phantoms}:train",)), ("mixed", (f"{phantoms}:test:n=2", str(synthetic))))
+    for k, (name, train_specs) in enumerate(set_ups, start=8):
         step(k, f"train-seg: a tiny 3D U-Net, {name} ({' + '.join(Path(s).name for s in train_specs)}), "
-                f"evaluated on {phantoms.name}:test")  # fmt: skip
+                f"evaluated on {phantoms.name}:val")  # fmt: skip
         run = out / f"seg-{name}"
         shutil.rmtree(run, ignore_errors=True)
-        seg_options = TrainSegOptions(train=train_specs, val=f"{phantoms}:test", run_dir=str(run),
+        seg_options = TrainSegOptions(train=train_specs, val=f"{phantoms}:val", run_dir=str(run),
                                       iterations=options.seg_iterations, patch=32, batch=4, features=(8, 16, 32),
                                       lr=1e-3, eval_every=options.seg_iterations, workers=1, cpus_per_worker=workers,
                                       tracking_uri=options.tracking_uri, experiment="ctsynth-demo")  # fmt: skip
@@ -141,9 +155,9 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     echo(format_comparison(compare(read_scores_csv(seg_runs["real-only"] / "metrics.csv"),
                                    read_scores_csv(seg_runs["mixed"] / "metrics.csv"))))  # fmt: skip
 
-    step(9, f"segment: the real-only U-Net applied to {phantoms.name}:val, then scored")
-    pred = out / "segment-val"
-    segment_dataset(seg_runs["real-only"], phantoms, pred, split="val", ray_options=parallel)
-    scores = write_scores_csv(out / "segment-val.csv", score_folders(pred, phantoms, "val"))
-    outputs += [("segmented val volumes", pred), ("their scores", scores)]
+    step(10, f"segment: the real-only U-Net applied to {phantoms.name}:test, then scored")
+    pred = out / "segment-test"
+    segment_dataset(seg_runs["real-only"], phantoms, pred, split="test", ray_options=parallel)
+    scores = write_scores_csv(out / "segment-test.csv", score_folders(pred, phantoms, "test"))
+    outputs += [("segmented test volumes", pred), ("their scores", scores)]
     return outputs, time.monotonic() - started

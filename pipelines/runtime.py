@@ -62,10 +62,13 @@ def quiet_worker_logs() -> None:
     that logger after its module's file, so Train's ``LoggingConfig`` does not reach it."""
     import logging
 
-    if os.environ.get("CTSYNTH_QUIET_TRAIN") == "1":
+    if os.environ.get("CTSYNTH_QUIET_TRAIN") != "1":
+        return
+    try:
         from ray.train.v2._internal.execution import context
-
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray than the one this was written for: its lines stay, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None,

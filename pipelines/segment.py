@@ -12,9 +12,13 @@ import numpy as np
 
 from ctsynth_ray.dataset import load_volume, read_manifest, staged_dataset, write_nifti
 from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.labels import HU_SCALE
 from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
 
 SPACING_TOLERANCE = 0.05  # relative: a volume on another grid than the model's training data is refused
+
+
+_MODELS: dict[str, tuple] = {}  # per process: a Ray worker loads a model once for all the volumes it segments
 
 
 def _segment_task(model_run: str, dataset: str, row: dict, out: str) -> str:
@@ -25,7 +29,9 @@ def _segment_task(model_run: str, dataset: str, row: dict, out: str) -> str:
     from ctsynth_ray.segmentation import segment
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, info = load_segmenter(model_run, device)
+    if model_run not in _MODELS:
+        _MODELS[model_run] = load_segmenter(model_run, device)
+    model, info = _MODELS[model_run]
     volume = load_volume(dataset, row)
     pred = segment(model, hu_to_network(volume.hu), info["patch"], device)
     write_nifti(Path(out) / f"{row['volume_id']}.nii.gz", pred, volume.affine)
@@ -41,6 +47,10 @@ def segment_dataset(model_run: Path, dataset: Path, out: Path, *, split: str | N
 
     model_run, dataset = Path(model_run).resolve(), Path(dataset).resolve()
     _, info = load_segmenter(model_run)  # a clear error before any work
+    scale = info.get("hu_normalisation", {}).get("scale")
+    if scale != HU_SCALE:
+        raise CtsynthError(f"{model_run / 'model.json'}: trained on CT scaled by 1/{scale}, ctsynth scales by "
+                           f"1/{HU_SCALE:g}")  # fmt: skip
     rows = [r for r in read_manifest(dataset) if r.get("image") and (split is None or r["split"] == split)]
     if not rows:
         raise CtsynthError(f"{dataset}: no volume with an image{f' in split {split}' if split else ''}")

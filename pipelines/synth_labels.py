@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ctsynth_ray.dataset import dataset_fingerprint, read_prepare_record, staged_dataset, write_manifest
-from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.errors import CtsynthError, CtsynthWarning
 from ctsynth_ray.nodule_bank import load_bank
 from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
 from ctsynth_ray.synth_labels import (
@@ -50,11 +51,15 @@ def resolve_bank(source: Path, bank: Path | None) -> Path:
             raise CtsynthError(f"{bank}: no such template bank (prepare writes GANDATA/nodule_bank.parquet)")
         return Path(bank).resolve()
     record = read_prepare_record(source)
-    if record is None or not Path(record["bank"]).is_file():
-        where = f" (prepare recorded {record['bank']}, which is gone)" if record else ""
+    bank = record.get("bank") if record else None
+    if bank is None or not Path(bank).is_file():
+        where = f" (prepare recorded {bank}, which is gone)" if bank else ""
         raise CtsynthError(f"{source}: no template bank{where}: run `ctsynth prepare {source} --out GANDATA` "
                            f"or pass --bank GANDATA/nodule_bank.parquet")  # fmt: skip
-    return Path(record["bank"])
+    if record.get("fingerprint") not in (None, dataset_fingerprint(source)):
+        warnings.warn(f"{source}: the dataset changed since `prepare` saved the template bank {bank}; "
+                      f"run prepare again for a bank of its current volumes", CtsynthWarning, stacklevel=2)  # fmt: skip
+    return Path(bank)
 
 
 def synth_labels(

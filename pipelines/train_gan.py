@@ -18,13 +18,24 @@ from pathlib import Path
 
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.gan_data import read_description
+from ctsynth_ray.labels import n_classes
 from ctsynth_ray.models.gan import GanConfig
 from ctsynth_ray.pipelines.runtime import quiet_worker_logs
 from ctsynth_ray.pipelines.tracking import absolute_uri, default_tracking_uri
-from ctsynth_ray.pipelines.training import attached_run, check_run_dir, fit, load_state, report, tracked_run
+from ctsynth_ray.pipelines.training import (
+    attached_run,
+    check_run_dir,
+    check_run_options,
+    fit,
+    load_state,
+    report,
+    tracked_run,
+)
 
 DIMS = {"2": "2d", "2.5": "2p5d", "3": "3d"}
 RAY_RUN_NAME = "train-gan"
+#: What a --resume may change; anything else would make it another run.
+MAY_CHANGE = {"steps", "checkpoint_every", "log_every", "gpus_per_worker", "tracking_uri", "experiment"}
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,7 @@ def export_generator(run_dir: Path, trainer, options: TrainGanOptions, descripti
     """RUN/generator.pt + RUN/generator.json: G_A and what generating with it needs (``load_generator``)."""
     from ctsynth_ray.labels import HU_SCALE
     from ctsynth_ray.models.registry import GENERATOR_STEM, export_network
+    from ctsynth_ray.pipelines.prepare import BANK_NAME
 
     config = trainer.config
     info = {
@@ -144,7 +156,7 @@ def export_generator(run_dir: Path, trainer, options: TrainGanOptions, descripti
         "spacing_mm": description["spacing_mm"], "size": description["size"],
         "training_data": {"path": str(options.gandata), "fingerprint": description["fingerprint"],
                           "source_dataset": description["source_dataset"],
-                          "bank": str(Path(options.gandata) / "nodule_bank.parquet")},
+                          "bank": str(Path(options.gandata) / BANK_NAME)},
         "gan": config.to_dict(), "steps": trainer.step,
         "inference": "eval mode: dropout off, batch norm with its running statistics",
     }  # fmt: skip
@@ -158,6 +170,13 @@ def train_gan(options: TrainGanOptions, config: GanConfig, *, resume: bool = Fal
     description = read_description(options.gandata)  # a clear error before Ray starts
     if DIMS[options.dims] not in description["kinds"]:
         raise CtsynthError(f"{options.gandata}: has no {DIMS[options.dims]} pairs (prepare --dims {options.dims})")
+    if config.lambda_identity > 0:
+        channels = (n_classes(description["scheme"]) if options.encoding == "onehot" else 1) * (
+            description.get("stack_slices", 1) if options.dims == "2.5" else 1
+        )
+        if config.model != "cyclegan" or channels != 1:
+            raise CtsynthError(f"--lambda-identity: the identity loss is CycleGAN's and needs one label channel, as "
+                               f"the CT has (scalar encoding, --dims 2 or 3); here {config.model} with {channels}")  # fmt: skip
     pairs = description["counts"]["train"][DIMS[options.dims]]
     if pairs // options.workers < config.batch:
         raise CtsynthError(f"{options.gandata}: {pairs} training pairs are fewer than one batch of {config.batch} "
@@ -168,6 +187,7 @@ def train_gan(options: TrainGanOptions, config: GanConfig, *, resume: bool = Fal
     # Ray Train workers run in another working directory: every path they see is absolute.
     absolute = {"run_dir": str(run_dir), "gandata": str(Path(options.gandata).resolve()),
                 "tracking_uri": absolute_uri(options.tracking_uri or default_tracking_uri())}  # fmt: skip
+    check_run_options(run_dir, {**options.__dict__, **absolute, "gan": config.to_dict()}, resume, MAY_CHANGE)
     with tracked_run(run_dir, absolute["tracking_uri"], options.experiment, resume) as run_id:
         loop_config = {"options": {**options.__dict__, **absolute}, "gan": config.to_dict(), "mlflow_run_id": run_id}
         return fit(_train_loop, loop_config, run_dir, RAY_RUN_NAME, workers=options.workers,

@@ -23,7 +23,15 @@ from pathlib import Path
 from ctsynth_ray.errors import CtsynthWarning
 from ctsynth_ray.pipelines.runtime import quiet_worker_logs
 from ctsynth_ray.pipelines.tracking import absolute_uri, default_tracking_uri
-from ctsynth_ray.pipelines.training import attached_run, check_run_dir, fit, load_state, report, tracked_run
+from ctsynth_ray.pipelines.training import (
+    attached_run,
+    check_run_dir,
+    check_run_options,
+    fit,
+    load_state,
+    report,
+    tracked_run,
+)
 from ctsynth_ray.segmentation import (
     absolute_spec,
     check_no_leakage,
@@ -33,6 +41,8 @@ from ctsynth_ray.segmentation import (
 )
 
 RAY_RUN_NAME = "train-seg"
+#: What a --resume may change; anything else would make it another run.
+MAY_CHANGE = {"iterations", "eval_every", "cpus_per_worker", "gpus_per_worker", "tracking_uri", "experiment"}
 
 
 @dataclass(frozen=True)
@@ -271,6 +281,7 @@ def train_seg(options: TrainSegOptions, *, resume: bool = False, address: str | 
     absolute = {"run_dir": str(run_dir), "train": tuple(absolute_spec(s) for s in options.train),
                 "val": absolute_spec(options.val),
                 "tracking_uri": absolute_uri(options.tracking_uri or default_tracking_uri())}  # fmt: skip
+    check_run_options(run_dir, {**options.__dict__, **absolute}, resume, MAY_CHANGE)
     with tracked_run(run_dir, absolute["tracking_uri"], options.experiment, resume) as run_id:
         loop_config = {"options": {**options.__dict__, **absolute}, "mlflow_run_id": run_id}
         return fit(_train_loop, loop_config, run_dir, RAY_RUN_NAME, workers=options.workers,

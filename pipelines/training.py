@@ -21,6 +21,7 @@ from ctsynth_ray.pipelines.tracking import absolute_uri, tracking_setup
 
 STATE_NAME = "state.pt"
 RUN_FILE = "mlflow_run.json"
+OPTIONS_FILE = "run_options.json"
 
 
 def check_run_dir(run_dir: str | Path, ray_name: str, resume: bool, finished: str) -> Path:
@@ -35,6 +36,23 @@ def check_run_dir(run_dir: str | Path, ray_name: str, resume: bool, finished: st
         raise CtsynthError(f"{run_dir}: holds an earlier run (pass --resume to continue it, or choose another --out)")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def check_run_options(run_dir: Path, options: dict, resume: bool, may_change: set[str]) -> None:
+    """Record a run's options in ``RUN/run_options.json``; on ``resume``, refuse options that differ from the
+    recorded ones (one line naming them), except ``may_change`` (e.g. the number of steps): a resumed run must be
+    the same run, or its checkpoints and MLflow parameters would describe another."""
+    path = run_dir / OPTIONS_FILE
+    options = json.loads(json.dumps(options, default=str))  # tuples as lists, as they come back
+    if resume and path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(
+            k for k in options.keys() | before.keys() if k not in may_change and before.get(k) != options.get(k)
+        )
+        if changed:
+            raise CtsynthError(f"{run_dir}: --resume continues the same run, but {', '.join(changed)} differ from it "
+                               f"(only {', '.join(sorted(may_change))} may change)")  # fmt: skip
+    write_json(path, options)
 
 
 @contextlib.contextmanager

@@ -90,3 +90,19 @@ def gan_data(tmp_path_factory, small_phantom_config) -> Path:
                          ray_options=QUIET)  # fmt: skip
     prepare(root / "ds", root / "gan", scheme="body", size=32, n_templates=4, ray_options=QUIET)
     return root / "gan"
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(gan_data, tmp_path_factory) -> Path:
+    """An untrained but complete pix2pix 2D generator run on ``gan_data`` (generator.pt + generator.json, written
+    by the function train-gan exports with)."""
+    import json
+
+    from ctsynth_ray.models.gan import GanConfig, GanTrainer
+    from ctsynth_ray.pipelines.train_gan import TrainGanOptions, export_generator
+
+    run_dir = tmp_path_factory.mktemp("generator")
+    description = json.loads((gan_data / "gan_data.json").read_text())
+    trainer = GanTrainer(GanConfig(model="pix2pix", unet_width=4, unet_downs=5), 2, 1, 1)
+    export_generator(run_dir, trainer, TrainGanOptions(gandata=str(gan_data), run_dir=str(run_dir)), description)
+    return run_dir

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 from ctsynth_ray import __version__
 from ctsynth_ray.cli.main import app
 from ctsynth_ray.dataset import read_manifest
+from ctsynth_ray.seg_metrics import read_scores_csv
 
 runner = CliRunner()
 
@@ -68,26 +69,30 @@ def test_inspect_of_a_folder_without_manifest(tmp_path):
 
 def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "6", "--workers", "2", "--gan-steps", "4",
-                                 "--seg-iterations", "2", "--tracking-uri", uri])  # fmt: skip
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "8", "--generated", "3", "--workers",
+                                 "2", "--gan-steps", "4", "--seg-iterations", "2", "--tracking-uri", uri])  # fmt: skip
     assert result.exit_code == 0, result.output
-    for k in range(1, 10):
-        assert result.output.count(f"[{k}/9]") == 1
+    for k in range(1, 11):
+        assert result.output.count(f"[{k}/10]") == 1
     assert "compare real-only (baseline) with mixed (candidate)" in result.output and "t-test p" in result.output
     demo = (tmp_path / "demo").resolve()
     for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
                    "phantoms/labels", "phantoms/prepare.json", "gan-data", "gan-data/nodule_bank.parquet",
                    "synthetic-labels", "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json",
-                   "seg-real-only/model.pt", "seg-real-only/metrics.csv", "seg-mixed/metrics.csv", "segment-val",
-                   "segment-val.csv"):  # fmt: skip
+                   "synthetic", "synthetic-preview.png", "seg-real-only/model.pt", "seg-real-only/metrics.csv",
+                   "seg-mixed/metrics.csv", "segment-test", "segment-test.csv"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
-    # The demo never trains on a volume it scores.
-    test_ids = {r["volume_id"] for r in read_manifest(demo / "phantoms") if r["split"] == "test"}
-    assert not test_ids & {r["volume_id"] for r in read_manifest(demo / "ingested")}
-    # One progress line per step: Ray Train's print patch no longer doubles them, its reports stay hidden.
-    assert "Reporting training result" not in result.output and "TrainingReport" not in result.output
+    generated = read_manifest(demo / "synthetic")
+    assert len(generated) == 3 and all(r["image"] and r["source"] == "synthetic" for r in generated)
+    # The demo never trains on a volume it scores: the U-Nets are scored on val; the mixed run trained on test
+    # phantoms and generated volumes cut from train phantoms.
+    phantoms = read_manifest(demo / "phantoms")
+    val = {r["volume_id"] for r in phantoms if r["split"] == "val"}
+    assert {r["source_volume_id"] for r in generated} <= {r["volume_id"] for r in phantoms if r["split"] == "train"}
+    assert set(read_scores_csv(demo / "seg-mixed" / "metrics.csv")) == val
+    assert "ctsynth: warning" not in result.output  # the mixed set's real part never trained the GAN
 
 
 def test_ingest_lidc_reports_failed_cases_and_exits_1(test_data, tmp_path):
@@ -224,8 +229,8 @@ def test_help_names_every_command_on_one_line(monkeypatch):
     assert result.exit_code == 0
     panel = [line for line in result.output[result.output.index("Commands") :].splitlines() if line.startswith("│")]
     names = [line.strip("│ ").split()[0] for line in panel]
-    expected = {"phantom", "inspect", "ingest", "prepare", "synth-labels", "train-gan", "train-seg", "segment", "score",
-                "compare", "demo"}  # fmt: skip
+    expected = {"phantom", "inspect", "ingest", "prepare", "synth-labels", "train-gan", "generate", "train-seg", "segment",
+                "score", "compare", "demo"}  # fmt: skip
     assert set(names) == expected and len(panel) == len(expected)  # no wrapped second lines
 
 
@@ -332,3 +337,20 @@ def test_the_terminal_shows_each_progress_line_once_and_ray_reports_only_when_ve
     assert verbose.returncode == 0, verbose.stderr
     terminal = verbose.stdout + verbose.stderr
     assert "TrainingReport" in terminal and terminal.count("train-gan: step 2/2") == 1
+
+
+def test_generate_from_the_cli_and_a_size_that_does_not_fit(tiny_generator, tmp_path, ray_session):
+    out = tmp_path / "synth"
+    result = runner.invoke(
+        app, ["generate", "--n", "3", "--model", str(tiny_generator), "--out", str(out), "--seed", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 volume(s) in" in result.output and "seconds per stage" in result.output
+    assert [r["volume_id"] for r in read_manifest(out)] == [f"synth-s5-{i:06d}" for i in range(3)]
+    result = runner.invoke(app, ["generate", "--n", "3", "--model", str(tiny_generator), "--out", str(tmp_path / "x"),
+                                 "--size", "48"])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        "ctsynth: error: --size 48 does not fit the generator (unet: sizes must be multiples of 32; it was trained on 32)"
+    )
+    assert not (tmp_path / "x").exists()

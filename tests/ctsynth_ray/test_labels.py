@@ -57,3 +57,18 @@ def test_hu_normalisation_round_trip():
     hu = np.array([-1024, -1000, 0, 40, 1900, 3071], np.int16)
     np.testing.assert_allclose(hu_to_network(hu), hu / 2000)
     np.testing.assert_array_equal(network_to_hu(hu_to_network(hu)), hu)
+
+
+@pytest.mark.parametrize("scheme, encoding", [("thesis", "scalar"), ("body", "scalar"), ("body", "onehot")])
+def test_the_tensor_encoders_give_the_numpy_values_bit_for_bit(scheme, encoding):
+    import torch
+
+    from ctsynth_ray.labels import encode_labels, encode_labels_tensor, network_to_hu, network_to_hu_tensor
+
+    labels = np.random.default_rng(0).integers(0, n_classes(scheme), (3, 5, 6)).astype(np.uint8)
+    tensor = encode_labels_tensor(torch.from_numpy(labels), scheme, encoding).numpy()
+    expected = np.stack([encode_labels(label, scheme, encoding) for label in labels])
+    np.testing.assert_array_equal(tensor, expected)
+    values = np.random.default_rng(1).normal(0, 1, (4, 7)).astype(np.float32)
+    values[0, :3] = [0.00025, -0.00025, 2.0]  # halves round to even; beyond the range clips
+    np.testing.assert_array_equal(network_to_hu_tensor(torch.from_numpy(values)).numpy(), network_to_hu(values))

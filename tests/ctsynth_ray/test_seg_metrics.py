@@ -107,6 +107,7 @@ def test_thesis_interval_divides_the_population_sd_by_all_volumes(tmp_path):
     half = 1.96 * np.std(base_dice, ddof=0) / np.sqrt(8)  # 8 volumes scored, 5 with a nodule
     assert thesis["ci"] == "thesis"
     assert thesis["metrics"]["dice"]["baseline"]["ci95"] == pytest.approx([0.48 - half, 0.48 + half])
+    assert thesis["metrics"]["dice"]["baseline"]["std"] == pytest.approx(np.std(base_dice, ddof=0))
     t = compare(read_scores_csv(base), read_scores_csv(cand))
     assert (
         t["ci"] == "t"

@@ -130,7 +130,7 @@ def test_leakage_into_the_validation_set_is_refused_naming_the_volumes(tmp_path)
     val_rows = [{"volume_id": "p3"}, {"volume_id": "p9"}]
     copies = fake_dataset(tmp_path / "copies", ["p3"])  # a re-ingested copy of a validation volume
     synth = fake_dataset(tmp_path / "synth", ["s1", "s2"], source="synthetic",
-                         source_volume_id=lambda v: "p9" if v == "s2" else "p1")  # fmt: skip
+                         source_volume_id=lambda v: "p9" if v == "s2" else "p1", template_id=lambda v: None)  # fmt: skip
     check_no_leakage(select_volumes([parse_spec(f"{real}:n=2")], 0), [{"volume_id": "p9"}])
     with pytest.raises(CtsynthError) as error:
         check_no_leakage(select_volumes([parse_spec(str(copies)), parse_spec(str(synth))], 0), val_rows)
@@ -140,6 +140,12 @@ def test_leakage_into_the_validation_set_is_refused_naming_the_volumes(tmp_path)
     ]
     with pytest.raises(CtsynthError, match=r"training volume.*validation volumes: p3$"):
         check_no_leakage(select_volumes([parse_spec(str(real))], 0), val_rows)
+    pasted = fake_dataset(tmp_path / "pasted", ["s3", "s4"], source="synthetic", source_volume_id=lambda v: "p1",
+                          template_id=lambda v: "p9#2" if v == "s4" else "p1#1")  # fmt: skip
+    with pytest.raises(
+        CtsynthError, match=r"^1 synthetic .* carry a nodule cut from a validation volume: s4 \(template p9#2\)$"
+    ):
+        check_no_leakage(select_volumes([parse_spec(str(pasted))], 0), val_rows)
 
 
 def test_a_mixed_set_whose_real_part_trained_the_gan_is_warned_about(tmp_path):
@@ -157,15 +163,31 @@ def test_a_mixed_set_whose_real_part_trained_the_gan_is_warned_about(tmp_path):
     assert gan_overlap_warnings(select_volumes([parse_spec(str(unseen)), parse_spec(str(synth))], 0)) == []
 
 
+def test_the_gan_behind_generated_volumes_is_found_from_their_generator(tmp_path):
+    """A copy of a GAN training volume in another dataset (re-ingested) is found through the generator's GAN data."""
+    import json
+
+    (tmp_path / "gan").mkdir()
+    (tmp_path / "gan" / "gan_data.json").write_text(json.dumps({"volumes": {"train": ["t1"], "val": []}}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "generator.json").write_text(json.dumps({"training_data": {"path": str(tmp_path / "gan")}}))
+    copies = fake_dataset(tmp_path / "copies", ["t1", "u1"])
+    synth = fake_dataset(tmp_path / "synth", ["s1"], source="synthetic", generator=lambda v: str(tmp_path / "run"))
+    (warning,) = gan_overlap_warnings(select_volumes([parse_spec(str(copies)), parse_spec(str(synth))], 0))
+    assert "1 real training volume(s) trained the GAN (GAN data" in warning and warning.endswith(":test:n=N)")
+
+
 def test_sliding_window_pads_with_the_given_value():
     volume = np.zeros((4, 4, 4), np.float32)
 
     def window_mean(windows):
         return windows.mean(dim=(2, 3, 4), keepdim=True).expand_as(windows).numpy()
 
-    assert float(sliding_window(volume, window_mean, patch=8)[0].max()) == 0.0
-    padded = sliding_window(volume, window_mean, patch=8, pad_value=-0.5)
-    np.testing.assert_allclose(padded[0], -0.5 * (1 - 64 / 512), rtol=1e-6)
+    assert float(sliding_window(volume, window_mean, patch=8, pad_value=0.0)[0].max()) == 0.0
+    padded = sliding_window(volume, window_mean, patch=8, pad_value=-0.25)
+    np.testing.assert_allclose(padded[0], -0.25 * (1 - 64 / 512), rtol=1e-6)
+    by_default = sliding_window(volume, window_mean, patch=8)  # air
+    np.testing.assert_allclose(by_default[0], AIR * (1 - 64 / 512), rtol=1e-6)
 
 
 class WindowMean(torch.nn.Module):
@@ -180,4 +202,6 @@ def test_segment_pads_with_air_like_the_patch_sampler():
     water = np.zeros((4, 4, 4), np.float32)
     assert pytest.approx(-0.5) == AIR
     assert segment(WindowMean(), water, patch=8).sum() == 0
-    assert segment(WindowMean(), water, patch=8, pad_value=0.0).all()
+    model = WindowMean().eval()
+    assert segment(model, water, patch=8, pad_value=0.0).all()
+    assert not model.training  # segment leaves the model in the mode it found it

@@ -51,3 +51,20 @@ def test_resume_without_checkpoint_and_missing_dims_are_clear_errors(gan_data, t
         train_gan(options, SMALL, resume=True)
     with pytest.raises(CtsynthError, match=r"gan_data\.json: not found"):
         train_gan(TrainGanOptions(gandata=str(tmp_path), run_dir=str(tmp_path / "r")), SMALL)
+
+
+def test_the_generator_records_the_voxel_size_of_its_data(gan_data, tmp_path):
+    from ctsynth_ray.models.gan import GanTrainer
+    from ctsynth_ray.pipelines.train_gan import export_generator
+
+    description = {**json.loads((gan_data / "gan_data.json").read_text()), "spacing_mm": [0.7, 0.7, 1.5]}
+    trainer = GanTrainer(SMALL, 2, 1, 1)
+    export_generator(tmp_path, trainer, TrainGanOptions(gandata=str(gan_data), run_dir=str(tmp_path)), description)
+    assert load_generator(tmp_path)[1]["spacing_mm"] == [0.7, 0.7, 1.5]
+
+
+def test_an_identity_loss_that_cannot_apply_is_refused_before_ray_starts(gan_data, tmp_path):
+    options = TrainGanOptions(gandata=str(gan_data), run_dir=str(tmp_path / "run"), dims="2.5", steps=1)
+    with pytest.raises(CtsynthError, match=r"--lambda-identity: .* here cyclegan with 3"):
+        train_gan(options, GanConfig(**{**SMALL.to_dict(), "lambda_identity": 0.5}))
+    assert not (tmp_path / "run").exists()

@@ -42,6 +42,8 @@ def test_short_cpu_run_beats_an_untrained_model_and_resumes(gan_data, tmp_path, 
         train_seg(options)
     resumed = train_seg(TrainSegOptions(**{**options.__dict__, "iterations": 50}), resume=True)
     assert resumed.metrics["step"] == 50
+    with pytest.raises(CtsynthError, match="--resume continues the same run, but lr, seed differ from it"):
+        train_seg(TrainSegOptions(**{**options.__dict__, "iterations": 60, "lr": 0.1, "seed": 3}), resume=True)
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("seg-test").experiment_id])
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 51))

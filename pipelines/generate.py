@@ -1,0 +1,334 @@
+"""`ctsynth generate`: thousands of synthetic CT volumes with nodule masks from a trained generator, on Ray.
+
+How the work flows (one driver, CPU label tasks, generator actors):
+
+1. Every volume's source is drawn from (seed, i) before anything is decoded (``planned_source``), and the
+   volumes still to make are grouped by source: one label task per group (at most ``chunk`` volumes) decodes
+   its source once and returns the label maps, one Ray object per actor call.
+2. Generator actors (``ctsynth_ray.generation.VolumeMaker`` on Ray: one per GPU with ``num_gpus``, or one per
+   CPU) load the generator once and translate every axial slice of a call's volumes in large batches (bf16,
+   channels-last on GPUs; ``torch.compile`` on request), then compress and write them in a thread pool. A GPU
+   actor serves two calls at a time (``max_concurrency=2``), so one call's inference overlaps the other's
+   compression and writes; a CPU actor serves one (inference is the work there, and two calls would only share
+   its core). Actors write their own NIfTI files and return small manifest rows: whole CT volumes never enter the
+   object store.
+3. Exactly once: a volume's files get names fixed by (seed, i), each written under a temporary name and
+   renamed; its manifest row is written last (``SYNTH/.progress/<volume_id>.json``). The manifest is built from
+   what is on disk at the end. A dead actor is replaced and its volumes are redone; ``--resume`` skips finished
+   volumes. Temporary files of killed writers are removed before the manifest is written.
+
+Why a plain actor pool and not Ray Data's ``map_batches``: the run must name its files by (seed, i) and redo
+exactly the volumes a dead actor did not finish (Ray Data's writers add a UUID to each file name, and a dead
+actor in a fixed pool can hang a pipeline, Ray issue 62746); a small scheduler here replaces actors, bounds the
+work in flight (memory independent of N) and keeps one long-lived pool instead of a new one per execution.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctsynth_ray.dataset import (
+    MANIFEST_NAME,
+    dataset_fingerprint,
+    read_manifest,
+    read_prepare_record,
+    write_json,
+    write_manifest,
+)
+from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.generation import (
+    PROGRESS,
+    StageTimes,
+    VolumeMaker,
+    check_generator_fits,
+    finished_rows,
+    generator_fingerprint,
+)
+from ctsynth_ray.pipelines.runtime import RayOptions, ensure_ray
+from ctsynth_ray.synth_labels import SynthLabelConfig, check_sources
+
+RUN_FILE = "generate.json"
+#: Bytes on disk per voxel of a finished volume (gzip level 1): CT ~1.1 of its 2 bytes, label + mask ~0.05 of
+#: their 2; rounded up, measured on generated phantom CT.
+BYTES_PER_VOXEL = 1.4
+#: Run settings that must match for ``--resume`` to continue a run (N may grow).
+RESUME_KEYS = ("generator_fingerprint", "source", "source_fingerprint", "bank", "size", "seed", "p_nodule",
+               "lung_fraction", "augment")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    n: int
+    model: str
+    out: str
+    source: str | None = None
+    bank: str | None = None
+    size: int | None = None
+    seed: int = 0
+    actors: int | None = None  # None: one per GPU (with gpus_per_actor 1), or one per CPU
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    batch: int | None = None  # slices per forward pass (volumes for 3D); None: 512 on GPUs, 16 on CPUs
+    compile: bool = False
+    resume: bool = False
+    p_nodule: float = 0.8
+    lung_fraction: float = 0.8
+    augment: bool = False
+    chunk: int = 8  # volumes per label task and actor call
+
+    def __post_init__(self):
+        if self.n < 1 or (self.batch is not None and self.batch < 1) or self.chunk < 1:
+            raise ValueError("n, batch and chunk must be at least 1")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors must be at least 1, got {self.actors}")
+
+
+@dataclass
+class GenerateSummary:
+    out: Path
+    n: int
+    made: int
+    skipped: int
+    with_nodule: int
+    pasted: int
+    paste_failed: int
+    actors: int
+    actors_replaced: int
+    seconds: float
+    stages: StageTimes = field(default_factory=StageTimes)
+
+    def format(self) -> str:
+        rate = self.made / self.seconds if self.seconds else 0.0
+        return "\n".join([
+            f"{self.n} volume(s) in {self.out}: {self.made} made now ({rate:.2f} volumes/s), {self.skipped} finished before",
+            f"nodules: {self.with_nodule} of {self.n} volumes have one; {self.pasted} pasted, {self.paste_failed} "
+            f"paste failure(s) (column paste_failed)",
+            f"actors: {self.actors}, replaced after failures: {self.actors_replaced}",
+            f"seconds per stage, summed over workers: label synthesis {self.stages.labels:.1f}, inference "
+            f"{self.stages.inference:.1f}, compression {self.stages.compression:.1f}, writes {self.stages.write:.1f}; "
+            f"wall {self.seconds:.1f}",
+        ])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ remote work
+
+
+def _label_task(source: str, fingerprint: str, seed: int, indices: list[int], bank, config: SynthLabelConfig):
+    """The label maps of ``indices`` (all cut from one planned source): (items, seconds)."""
+    from ctsynth_ray.generation import LabelItem
+    from ctsynth_ray.pipelines.synth_labels import source_cache
+    from ctsynth_ray.synth_labels import make_label_volume
+
+    started = time.perf_counter()
+    cache = source_cache(source, fingerprint, config.size)
+    items = []
+    for index in indices:
+        volume, extras = make_label_volume(seed, index, cache, bank, config)
+        items.append(LabelItem(index, volume.label, volume.affine, extras))
+    return items, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _resolve_inputs(options: GenerateOptions, info: dict) -> tuple[Path, Path | None]:
+    """The source dataset and template bank: given, or those the generator was trained from."""
+    training = info.get("training_data", {})
+    source = Path(options.source or training.get("source_dataset") or "")
+    if not options.source and not training.get("source_dataset"):
+        raise CtsynthError(f"{options.model}: generator.json names no source dataset: pass --source")
+    if not (source / MANIFEST_NAME).is_file():
+        raise CtsynthError(f"{source}: no manifest (pass --source DATASET, the dataset with the label maps)")
+    if options.p_nodule == 0:
+        return source.resolve(), None
+    bank = options.bank or training.get("bank")
+    if bank is None:
+        record = read_prepare_record(source)
+        bank = record["bank"] if record else None
+    if bank is None or not Path(bank).is_file():
+        raise CtsynthError(f"{bank or source}: no template bank: pass --bank GANDATA/nodule_bank.parquet")
+    return source.resolve(), Path(bank).resolve()
+
+
+def _finished_before(out: Path, settings: dict, resume: bool) -> dict[int, dict]:
+    """Check that SYNTH may take this run (new, or the same run resumed) and return the volumes already finished
+    {index: row}; writes nothing."""
+    run_file = out / RUN_FILE
+    if resume:
+        if not run_file.is_file():
+            raise CtsynthError(f"{out}: nothing to resume (no {RUN_FILE})")
+        before = json.loads(run_file.read_text())
+        changed = [k for k in RESUME_KEYS if before.get(k) != settings[k]]
+        if changed:
+            raise CtsynthError(f"{out}: was made with other settings ({', '.join(changed)} differ): --resume continues "
+                               f"the same run only")  # fmt: skip
+    elif out.exists() and any(out.iterdir()):
+        raise CtsynthError(f"{out}: already exists and is not empty (pass --resume to continue it, or another --out)")
+    done = finished_rows(out)
+    if (out / MANIFEST_NAME).is_file():  # a finished run: its manifest says what it holds
+        for row in read_manifest(out):
+            if all((out / row[c]).is_file() for c in ("image", "mask", "label")):
+                done.setdefault(int(row["synth_index"]), row)
+    return done
+
+
+def _remove_temporary_files(out: Path) -> None:
+    for sub in ("images", "masks", "labels", PROGRESS):
+        for temp in (out / sub).glob(".*.tmp.*") if (out / sub).is_dir() else []:
+            temp.unlink(missing_ok=True)
+
+
+def _check_disk(out: Path, todo: int, size: int) -> None:
+    needed = todo * size**3 * BYTES_PER_VOXEL
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise CtsynthError(f"{out}: {todo} volume(s) of {size}^3 need about {needed / 1e9:.1f} GB, but only "
+                           f"{free / 1e9:.1f} GB are free")  # fmt: skip
+
+
+def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), echo=print) -> GenerateSummary:
+    """Make volumes 0..n-1 of run ``options.seed`` in ``options.out``; see the module docstring."""
+    from ctsynth_ray.models.registry import load_generator
+    from ctsynth_ray.nodule_bank import load_bank
+
+    started = time.monotonic()
+    model, out = Path(options.model).resolve(), Path(options.out).resolve()
+    _, info = load_generator(model)
+    source, bank_path = _resolve_inputs(options, info)
+    size = options.size or int(info["size"])
+    rows = check_sources(source, size)
+    check_generator_fits(info, size, rows[0].get("label_scheme") or "thesis")
+    config = SynthLabelConfig(size=size, p_nodule=options.p_nodule, lung_fraction=options.lung_fraction,
+                              augment=options.augment)  # fmt: skip
+    bank = load_bank(bank_path) if bank_path else []
+    fingerprint = generator_fingerprint(model)
+    settings = {"generator": str(model), "generator_fingerprint": fingerprint, "source": str(source),
+                "source_fingerprint": dataset_fingerprint(source), "bank": str(bank_path) if bank_path else None,
+                "size": size, "seed": options.seed, "n": options.n, "p_nodule": options.p_nodule,
+                "lung_fraction": options.lung_fraction, "augment": options.augment}  # fmt: skip
+    done = _finished_before(out, settings, options.resume)
+    skipped = sum(1 for i in done if i < options.n)
+    _check_disk(out, options.n - skipped, size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUN_FILE, settings)
+    _remove_temporary_files(out)  # left by writers killed in an earlier run
+    todo = [i for i in range(options.n) if i not in done]
+    summary = GenerateSummary(out, options.n, 0, skipped, 0, 0, 0, 0, 0, 0.0)
+    if todo:
+        _run_pool(options, ray_options, model, out, source, bank, config, fingerprint, todo, summary, echo)
+    _remove_temporary_files(out)
+    done.update(finished_rows(out))  # what is on disk, not what the actors said
+    missing = [i for i in range(options.n) if i not in done]
+    if missing:
+        raise CtsynthError(
+            f"{out}: {len(missing)} volume(s) were not made (first: {missing[0]}); run again with --resume"
+        )
+    final = [done[i] for i in range(options.n)]
+    write_manifest(out, final)
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    summary.with_nodule = sum(r["n_nodules"] > 0 for r in final)
+    summary.pasted = sum(bool(r["inserted_nodule"]) for r in final)
+    summary.paste_failed = sum(bool(r["paste_failed"]) for r in final)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _pool_shape(options: GenerateOptions, cluster: dict) -> tuple[int, float, float, float, int]:
+    """(actors, GPUs per actor, CPUs per actor, CPUs per label task, torch threads per CPU actor)."""
+    gpus = cluster.get("GPU", 0.0)
+    per_actor = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if per_actor > gpus:
+        raise CtsynthError(f"--gpus-per-actor {per_actor:g}: the Ray cluster has {gpus:g} GPU(s)")
+    cpus = cluster.get("CPU", 1.0)
+    actors = options.actors or (max(1, int(gpus // per_actor)) if per_actor else max(1, int(cpus)))
+    # Actors that take every CPU starve the label tasks (Ray issue 44687): leave at least half a CPU to those.
+    actor_cpus = min(1.0, max(0.25, (cpus - 0.5) / actors))
+    label_cpus = min(1.0, max(0.25, cpus - actors * actor_cpus))
+    return actors, per_actor, actor_cpus, label_cpus, max(1, int(actor_cpus))
+
+
+def _run_pool(options, ray_options, model, out, source, bank, config, fingerprint, todo, summary, echo) -> None:
+    """Make the volumes ``todo`` with a pool of generator actors, counting them in ``summary``."""
+    import uuid
+
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+    from tqdm import tqdm
+
+    from ctsynth_ray.pipelines.synth_labels import plan_chunks
+
+    ensure_ray(ray_options.address)
+    actors_n, gpus, actor_cpus, label_cpus, threads = _pool_shape(options, ray.cluster_resources())
+    n_sources = len(check_sources(source, config.size))
+    chunks = deque(plan_chunks(options.seed, todo, n_sources, options.chunk))
+    label_task = ray.remote(num_cpus=label_cpus)(_label_task)
+    # On a GPU two calls at a time overlap one's inference with the other's writes; on a CPU inference is the work,
+    # and two calls would only make two threads share a core.
+    concurrency = 2 if gpus else 1
+    actor_class = ray.remote(num_cpus=actor_cpus, num_gpus=gpus, max_concurrency=concurrency, max_restarts=0)(
+        VolumeMaker
+    )
+    token = uuid.uuid4().hex[:8]
+    extra = {"generator_fingerprint": fingerprint, "generator": str(model)}
+    source_fingerprint = dataset_fingerprint(source)
+    bank_ref = ray.put(bank)
+    spawned = 0
+
+    def new_actor():
+        nonlocal spawned
+        spawned += 1
+        return actor_class.options(name=f"ctsynth-generator-{token}-{spawned}").remote(
+            str(model), str(out), options.seed, options.batch, options.compile, threads, extra
+        )
+
+    echo(f"generate: {len(todo)} volume(s) of {config.size}^3 from {n_sources} source volume(s) in {len(chunks)} "
+         f"chunk(s), {actors_n} actor(s) with {gpus:g} GPU(s) and {actor_cpus:g} CPU(s) each")  # fmt: skip
+    actors = [new_actor() for _ in range(actors_n)]
+    labels: dict = {}  # label task -> chunk
+    ready: deque = deque()  # (label ref, chunk) waiting for an actor
+    calls: dict = {}  # actor call -> (slot, actor, label ref, chunk)
+    bar = tqdm(total=len(todo), desc="generate", unit="vol", disable=not ray_options.progress)
+    try:
+        while chunks or labels or ready or calls:
+            while chunks and len(labels) + len(ready) < 2 * actors_n + 1:
+                chunk = chunks.popleft()
+                labels[label_task.remote(str(source), source_fingerprint, options.seed, chunk, bank_ref, config)] = (
+                    chunk
+                )
+            while ready:
+                load = [sum(1 for s, a, *_ in calls.values() if s == k and a is actors[k]) for k in range(actors_n)]
+                slot = min(range(actors_n), key=load.__getitem__)
+                if load[slot] >= 2:  # one call running, one queued behind it (or running too, on a GPU)
+                    break
+                label_ref, chunk = ready.popleft()
+                calls[actors[slot].make.remote(label_ref)] = (slot, actors[slot], label_ref, chunk)
+            (finished,), _ = ray.wait([*labels, *calls], num_returns=1)
+            if finished in labels:
+                ready.append((finished, labels.pop(finished)))
+                continue
+            slot, actor, label_ref, chunk = calls.pop(finished)
+            try:
+                rows, times = ray.get(finished)
+            except RayActorError:  # the actor died (killed, out of memory, its node lost): replace it, redo
+                if actors[slot] is actor:
+                    actors[slot] = new_actor()
+                    summary.actors_replaced += 1
+                ready.appendleft((label_ref, chunk))
+                continue
+            except RayTaskError as exc:
+                if isinstance(exc.cause, CtsynthError):
+                    raise CtsynthError(str(exc.cause)) from None
+                raise
+            summary.stages.add(times)
+            summary.made += len(rows)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    summary.actors = actors_n
