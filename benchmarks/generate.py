@@ -49,6 +49,7 @@ from ctsynth_ray.synth_labels import (
     SynthLabelConfig,
     check_sources,
     make_label_volume,
+    plan_chunks,
     planned_source,
 )
 
@@ -128,28 +129,30 @@ def new_cache(source: Path) -> SourceCache:
     return SourceCache(source, check_sources(source, SIZE))
 
 
-def grouped(source: Path, n: int, parts: int) -> list[list[int]]:
-    """Volumes 0..n-1 grouped by their planned source, the groups dealt to ``parts`` workers."""
-    n_sources = len(check_sources(source, SIZE))
-    groups: dict[int, list[int]] = {}
-    for index in range(n):
-        groups.setdefault(planned_source(0, index, n_sources), []).append(index)
-    shares = [[] for _ in range(parts)]
-    for k, group in enumerate(sorted(groups.values(), key=len, reverse=True)):
-        shares[k % parts] += group
-    return shares
+def grouped(source: Path, n: int, parts: int, chunk: int = 8) -> list[list[list[int]]]:
+    """Volumes 0..n-1 in chunks grouped by source (as `generate` plans them), dealt to ``parts`` workers."""
+    chunks = plan_chunks(0, range(n), len(check_sources(source, SIZE)), chunk)
+    return [chunks[k::parts] for k in range(parts)]
+
+
+def rendered_ct(label: np.ndarray, index: int) -> np.ndarray:
+    """CT-like HU for a label map (each class's typical HU plus 20 HU of noise): what the compressor would get."""
+    means = np.array([-850, -100, 0, 40, 700, 30, -1000], np.float32)
+    noise = np.random.default_rng(index).normal(0, 20, label.shape).astype(np.float32)
+    return np.clip(means[label] + noise, -1024, 3071).astype(np.int16)
 
 
 def naive(model: Path, source: Path, bank, n: int, out: Path, device: str) -> dict:
-    """Volume by volume, as a plain script would: read the volume's source label map, cut its cube, translate
-    it one slice at a time in fp32, write its files."""
+    """Volume by volume, as the reference's test script: one slice at a time in fp32, files written serially
+    (sources are decoded once, as ctsynth does, so that the comparison is of the generation itself)."""
     generator, info = load_generator(model, device)
     translator = Translator(generator, info, device, batch=1, bf16=False)
     writer = VolumeWriter(out, 0, {})
     times = {"labels": 0.0, "inference": 0.0, "writes": 0.0}
+    cache = new_cache(source)
     started = time.perf_counter()
     for index in range(n):
-        (item,), seconds = label_items(new_cache(source), bank, [index])
+        (item,), seconds = label_items(cache, bank, [index])
         times["labels"] += seconds
         t = time.perf_counter()
         (hu,) = translator.translate([item.label])
@@ -217,17 +220,18 @@ def _label_and_write(args) -> tuple[int, float, float, float]:
     decoded = time.perf_counter()
     items, _ = label_items(cache, load_bank(bank_path), indices)
     drawn = time.perf_counter()
+    cts = [rendered_ct(item.label, item.index) for item in items]  # stands in for the generator's output
+    rendered = time.perf_counter()
     writer = VolumeWriter(out, 0, {})
-    for item in items:
-        hu = np.where(item.label == 0, -800, 40).astype(np.int16)  # CT-like content for the compressor
+    for item, hu in zip(items, cts):
         writer.write(item, hu)
-    return len(items), decoded - started, drawn - decoded, time.perf_counter() - drawn
+    return len(items), decoded - started, drawn - decoded, time.perf_counter() - rendered
 
 
 def cpu_side(source: Path, n: int, out: Path, workers: int) -> dict:
     """Label synthesis + compression + writes on ``workers`` processes (no inference): the measured rate, and
     the rate once every source is decoded (per-volume work only), which is what a long run approaches."""
-    shares = grouped(source, n, workers)
+    shares = [[i for chunk in part for i in chunk] for part in grouped(source, n, workers)]
     started = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
         parts = list(
@@ -244,8 +248,8 @@ def maker_alone(model: Path, source: Path, n: int, out: Path, batch: int, compil
     from concurrent.futures import ThreadPoolExecutor
 
     maker = VolumeMaker(str(model), str(out), 0, batch, compile, os.cpu_count() or 1, {})
-    (indices,) = grouped(source, n, 1)
-    pieces = [(str(source), indices[k : k + 8]) for k in range(0, n, 8)]
+    (chunks,) = grouped(source, n, 1)
+    pieces = [(str(source), chunk) for chunk in chunks]
     with ProcessPoolExecutor(os.cpu_count()) as pool:  # the label maps are made beforehand, not timed
         chunks = list(pool.map(_label_chunk, pieces))
     maker.make(chunks[0])  # warm-up (and compilation)

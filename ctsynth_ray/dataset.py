@@ -132,7 +132,7 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
         data = image.to_bytes()
         if path.name.endswith(".gz"):
             # ISA-L's gzip (standard gzip output) at level 1 writes ~2.5x faster than zlib's level 1.
-            data = igzip.compress(data, compresslevel=1)
+            data = igzip.compress(data, compresslevel=1, mtime=0)  # no time stamp: the same volume, the same bytes
         encoded = time.perf_counter()
         temp.write_bytes(data)
         os.replace(temp, path)

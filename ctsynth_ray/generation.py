@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch import nn
 from ctsynth_ray.dataset import Volume, write_json, write_volume
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import Tissue, encode_labels_tensor, n_classes, network_to_hu_tensor
+from ctsynth_ray.synth_labels import synthetic_volume_id
 
 PROGRESS = ".progress"  # finished volumes' manifest rows, until the manifest is written
 #: Default slices per forward pass: on a GPU, 512 (the H200's rate levels off there); on a CPU, 16 (the default
@@ -74,7 +76,6 @@ class Translator:
                  compile: bool = False, bf16: bool | None = None):  # fmt: skip
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
-        self.info = info
         self.dims = info["dims"]
         self.scheme = info["label_scheme"]
         self.encoding = info["label_encoding"]
@@ -173,14 +174,11 @@ class VolumeWriter:
         self.seed = seed
         self.extra = extra  # columns every row gets (the generator's fingerprint and run)
 
-    def volume_id(self, index: int) -> str:
-        return f"synth-s{self.seed}-{index:06d}"
-
     def write(self, item: LabelItem, hu: np.ndarray) -> tuple[dict, StageTimes]:
         """Write one volume (image, mask = label == nodule, label), then its progress row; returns the row."""
         times = {}
         mask = (item.label == Tissue.NODULE).astype(np.uint8)
-        volume = Volume(self.volume_id(item.index), hu, mask, item.affine, item.label)
+        volume = Volume(synthetic_volume_id(self.seed, item.index), hu, mask, item.affine, item.label)
         row = write_volume(self.root, volume, split="train", source="synthetic", timings=times, **item.extras,
                            synth_seed=self.seed, synth_index=item.index, **self.extra)  # fmt: skip
         started = time.perf_counter()
@@ -209,7 +207,8 @@ class VolumeMaker:
 
     ``make`` translates a chunk of label items in one go, then compresses and writes the volumes in a thread pool
     (ISA-L's gzip releases the GIL); with two calls in flight (an actor's ``max_concurrency=2``), one call's
-    inference overlaps the other's writes.
+    inference overlaps the other's writes, while forward passes take turns. ``batch`` None: 512 slices on a GPU,
+    16 on a CPU; for 3D generators 2 volumes on a GPU, 1 on a CPU.
     """
 
     def __init__(self, model: str, out: str, seed: int, batch: int | None, compile: bool, threads: int, extra: dict,
@@ -221,10 +220,15 @@ class VolumeMaker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(threads)
-        if batch is None:  # a GPU wants large batches; on a CPU, batches beyond the cache are slower
-            batch = GPU_BATCH if device == "cuda" else CPU_BATCH
         generator, info = load_generator(model, device)
+        if batch is None:  # a GPU wants large batches; on a CPU, batches beyond the cache are slower
+            batch = (
+                (GPU_BATCH if device == "cuda" else CPU_BATCH)
+                if info["dims"] != "3"
+                else (2 if device == "cuda" else 1)
+            )
         self.translator = Translator(generator, info, device, batch, compile, bf16)
+        self.inference = threading.Lock()  # one forward pass at a time (torch.compile is not thread-safe)
         self.writer = VolumeWriter(out, seed, extra)
         self.pool = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="ctsynth-writer")
         self.process = os.getpid()
@@ -236,9 +240,10 @@ class VolumeMaker:
         """Translate a chunk (label items, seconds their synthesis took) and write every volume; returns their
         manifest rows and the time per stage."""
         items, label_seconds = chunk
-        started = time.perf_counter()
-        hus = self.translator.translate([item.label for item in items])
-        times = StageTimes(labels=label_seconds, inference=time.perf_counter() - started)
+        with self.inference:
+            started = time.perf_counter()
+            hus = self.translator.translate([item.label for item in items])
+            times = StageTimes(labels=label_seconds, inference=time.perf_counter() - started)
         results = list(self.pool.map(self.writer.write, items, hus))
         for _, written in results:
             times.add(written)

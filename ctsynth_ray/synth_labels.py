@@ -102,10 +102,24 @@ def check_sources(root: str | Path, size: int) -> list[dict]:
     return fitting
 
 
+def synthetic_volume_id(seed: int, index: int) -> str:
+    """The name of volume ``index`` of run ``seed``, in synth-labels and generate alike."""
+    return f"synth-s{seed}-{index:06d}"
+
+
 def planned_source(seed: int, index: int, n_sources: int) -> int:
     """The source volume (a position in the sources' rows) that volume ``index`` of run ``seed`` is cut from: the
     first draw of its generator, known before any volume is decoded, so that work can be grouped by source."""
     return int(np.random.default_rng((seed, index)).integers(n_sources))
+
+
+def plan_chunks(seed: int, indices, n_sources: int, chunk: int) -> list[list[int]]:
+    """``indices`` grouped by the source each is cut from (:func:`planned_source`), each group in chunks of at
+    most ``chunk``: a task decodes a source once for all its volumes, however many sources there are."""
+    groups: dict[int, list[int]] = {}
+    for index in indices:
+        groups.setdefault(planned_source(seed, index, n_sources), []).append(index)
+    return [group[k : k + chunk] for _, group in sorted(groups.items()) for k in range(0, len(group), chunk)]
 
 
 def make_label_volume(
@@ -162,7 +176,7 @@ def make_label_volume(
             )  # fmt: skip
     affine = source.affine.copy()
     affine[:3, 3] = source.affine[:3, :3] @ origin + source.affine[:3, 3]  # the cube's first voxel, in the source
-    return Volume(f"synth-s{seed}-{index:06d}", None, mask, affine, label), extras
+    return Volume(synthetic_volume_id(seed, index), None, mask, affine, label), extras
 
 
 def _paste(rng, label: np.ndarray, mask: np.ndarray, nodule: np.ndarray, config: SynthLabelConfig):

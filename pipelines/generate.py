@@ -14,8 +14,9 @@ How the work flows (one driver, CPU label tasks, generator actors):
    object store.
 3. Exactly once: a volume's files get names fixed by (seed, i), each written under a temporary name and
    renamed; its manifest row is written last (``SYNTH/.progress/<volume_id>.json``). The manifest is built from
-   what is on disk at the end. A dead actor is replaced and its volumes are redone; ``--resume`` skips finished
-   volumes. Temporary files of killed writers are removed before the manifest is written.
+   what is on disk at the end. A dead actor is replaced (a few times at most) and the volumes of its unfinished
+   calls are redone; ``--resume`` skips finished volumes. Temporary files of killed writers are removed before
+   the manifest is written. SYNTH and the source must be on a filesystem every node sees.
 
 Why a plain actor pool and not Ray Data's ``map_batches``: the run must name its files by (seed, i) and redo
 exactly the volumes a dead actor did not finish (Ray Data's writers add a UUID to each file name, and a dead
@@ -53,6 +54,8 @@ from ctsynth_ray.pipelines.runtime import RayOptions, ensure_ray
 from ctsynth_ray.synth_labels import SynthLabelConfig, check_sources
 
 RUN_FILE = "generate.json"
+#: Decoded sources a label worker keeps: work comes grouped by source, so about two LIDC-size ones are enough.
+SOURCE_CACHE_BYTES = 1 << 30
 #: Bytes on disk per voxel of a finished volume (gzip level 1): CT ~1.1 of its 2 bytes, label + mask ~0.05 of
 #: their 2; rounded up, measured on generated phantom CT.
 BYTES_PER_VOXEL = 1.4
@@ -124,7 +127,7 @@ def _label_task(source: str, fingerprint: str, seed: int, indices: list[int], ba
     from ctsynth_ray.synth_labels import make_label_volume
 
     started = time.perf_counter()
-    cache = source_cache(source, fingerprint, config.size)
+    cache = source_cache(source, fingerprint, config.size, SOURCE_CACHE_BYTES)
     items = []
     for index in indices:
         volume, extras = make_label_volume(seed, index, cache, bank, config)
@@ -202,25 +205,39 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
     source, bank_path = _resolve_inputs(options, info)
     size = options.size or int(info["size"])
     rows = check_sources(source, size)
-    check_generator_fits(info, size, rows[0].get("label_scheme") or "thesis")
+    schemes = sorted({r.get("label_scheme") or "thesis" for r in rows})
+    if len(schemes) > 1:
+        raise CtsynthError(f"{source}: the train split mixes label schemes ({', '.join(schemes)}): run prepare again")
+    check_generator_fits(info, size, schemes[0])
     config = SynthLabelConfig(size=size, p_nodule=options.p_nodule, lung_fraction=options.lung_fraction,
                               augment=options.augment)  # fmt: skip
     bank = load_bank(bank_path) if bank_path else []
     fingerprint = generator_fingerprint(model)
+    source_fingerprint = dataset_fingerprint(source)
     settings = {"generator": str(model), "generator_fingerprint": fingerprint, "source": str(source),
-                "source_fingerprint": dataset_fingerprint(source), "bank": str(bank_path) if bank_path else None,
+                "source_fingerprint": source_fingerprint, "bank": str(bank_path) if bank_path else None,
                 "size": size, "seed": options.seed, "n": options.n, "p_nodule": options.p_nodule,
                 "lung_fraction": options.lung_fraction, "augment": options.augment}  # fmt: skip
     done = _finished_before(out, settings, options.resume)
-    skipped = sum(1 for i in done if i < options.n)
+    if any(i >= options.n for i in done):
+        raise CtsynthError(f"{out}: holds {max(done) + 1} volume(s) or more; --resume can add volumes, not take them "
+                           f"away (pass --n {max(done) + 1} or more)")  # fmt: skip
+    skipped = len(done)
     _check_disk(out, options.n - skipped, size)
+    shape = None
+    if skipped < options.n:  # a pool that cannot run is refused before anything is written
+        import ray
+
+        ensure_ray(ray_options.address)
+        shape = _pool_shape(options, ray.cluster_resources())
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_FILE, settings)
     _remove_temporary_files(out)  # left by writers killed in an earlier run
     todo = [i for i in range(options.n) if i not in done]
     summary = GenerateSummary(out, options.n, 0, skipped, 0, 0, 0, 0, 0, 0.0)
     if todo:
-        _run_pool(options, ray_options, model, out, source, bank, config, fingerprint, todo, summary, echo)
+        work = _Work(model, out, source, source_fingerprint, len(rows), bank, config, fingerprint, todo)
+        _run_pool(options, ray_options, work, shape, summary, echo)
     _remove_temporary_files(out)
     done.update(finished_rows(out))  # what is on disk, not what the actors said
     missing = [i for i in range(options.n) if i not in done]
@@ -238,34 +255,62 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
     return summary
 
 
+@dataclass(frozen=True)
+class _Work:
+    """What the pool makes: the generator, output, source (and its train volumes), bank, label settings."""
+
+    model: Path
+    out: Path
+    source: Path
+    source_fingerprint: str
+    n_sources: int
+    bank: list
+    config: SynthLabelConfig
+    generator_fingerprint: str
+    todo: list[int]
+
+
 def _pool_shape(options: GenerateOptions, cluster: dict) -> tuple[int, float, float, float, int]:
-    """(actors, GPUs per actor, CPUs per actor, CPUs per label task, torch threads per CPU actor)."""
+    """(actors, GPUs per actor, CPUs per actor, CPUs per label task, threads per actor): one clear line when the
+    actors asked for cannot all run on the cluster."""
     gpus = cluster.get("GPU", 0.0)
     per_actor = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    if per_actor > gpus:
-        raise CtsynthError(f"--gpus-per-actor {per_actor:g}: the Ray cluster has {gpus:g} GPU(s)")
     cpus = cluster.get("CPU", 1.0)
     actors = options.actors or (max(1, int(gpus // per_actor)) if per_actor else max(1, int(cpus)))
-    # Actors that take every CPU starve the label tasks (Ray issue 44687): leave at least half a CPU to those.
-    actor_cpus = min(1.0, max(0.25, (cpus - 0.5) / actors))
-    label_cpus = min(1.0, max(0.25, cpus - actors * actor_cpus))
+    if per_actor and actors * per_actor > gpus:
+        raise CtsynthError(f"{actors} actor(s) of {per_actor:g} GPU(s) each: the Ray cluster has {gpus:g} GPU(s)")
+    if per_actor:  # a GPU actor's CPUs compress and write: half of what is left per GPU, the rest for the labels
+        actor_cpus = float(max(1, min(8, int((cpus - 1) // (2 * actors)))))
+    else:  # CPU actors: leave half a CPU to the label tasks, or they starve (Ray issue 44687)
+        actor_cpus = min(1.0, (cpus - 0.5) / actors)
+    if actor_cpus < 0.25 or actors * actor_cpus > cpus - 0.25:
+        raise CtsynthError(f"{actors} generator actor(s) do not fit the Ray cluster's {cpus:g} CPU(s) with room for "
+                           f"the label tasks: pass fewer --actors")  # fmt: skip
+    label_cpus = min(1.0, cpus - actors * actor_cpus)
     return actors, per_actor, actor_cpus, label_cpus, max(1, int(actor_cpus))
 
 
-def _run_pool(options, ray_options, model, out, source, bank, config, fingerprint, todo, summary, echo) -> None:
-    """Make the volumes ``todo`` with a pool of generator actors, counting them in ``summary``."""
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def _run_pool(options: GenerateOptions, ray_options: RayOptions, work: _Work, shape: tuple, summary: GenerateSummary,
+              echo) -> None:  # fmt: skip
+    """Make the volumes ``work.todo`` with a pool of generator actors of ``shape`` (``_pool_shape``), counting
+    them in ``summary``."""
     import uuid
 
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayError, RayTaskError
     from tqdm import tqdm
 
-    from ctsynth_ray.pipelines.synth_labels import plan_chunks
+    from ctsynth_ray.synth_labels import plan_chunks
 
-    ensure_ray(ray_options.address)
-    actors_n, gpus, actor_cpus, label_cpus, threads = _pool_shape(options, ray.cluster_resources())
-    n_sources = len(check_sources(source, config.size))
-    chunks = deque(plan_chunks(options.seed, todo, n_sources, options.chunk))
+    cluster = ray.cluster_resources()
+    actors_n, gpus, actor_cpus, label_cpus, threads = shape
+    chunks = deque(plan_chunks(options.seed, work.todo, work.n_sources, options.chunk))
     label_task = ray.remote(num_cpus=label_cpus)(_label_task)
     # On a GPU two calls at a time overlap one's inference with the other's writes; on a CPU inference is the work,
     # and two calls would only make two threads share a core.
@@ -274,32 +319,34 @@ def _run_pool(options, ray_options, model, out, source, bank, config, fingerprin
         VolumeMaker
     )
     token = uuid.uuid4().hex[:8]
-    extra = {"generator_fingerprint": fingerprint, "generator": str(model)}
-    source_fingerprint = dataset_fingerprint(source)
-    bank_ref = ray.put(bank)
+    extra = {"generator_fingerprint": work.generator_fingerprint, "generator": str(work.model)}
+    bank_ref = ray.put(work.bank)
+    # Label tasks in flight: enough to keep the actors fed and the free CPUs busy, few enough to bound memory.
+    window = 2 * actors_n + max(1, int((cluster.get("CPU", 1.0) - actors_n * actor_cpus) / label_cpus))
+    max_replacements = 2 * actors_n + 2  # an actor that cannot start (or a chunk that kills it) must not loop
     spawned = 0
 
     def new_actor():
         nonlocal spawned
         spawned += 1
         return actor_class.options(name=f"ctsynth-generator-{token}-{spawned}").remote(
-            str(model), str(out), options.seed, options.batch, options.compile, threads, extra
+            str(work.model), str(work.out), options.seed, options.batch, options.compile, threads, extra
         )
 
-    echo(f"generate: {len(todo)} volume(s) of {config.size}^3 from {n_sources} source volume(s) in {len(chunks)} "
-         f"chunk(s), {actors_n} actor(s) with {gpus:g} GPU(s) and {actor_cpus:g} CPU(s) each")  # fmt: skip
+    echo(f"generate: {len(work.todo)} volume(s) of {work.config.size}^3 from {work.n_sources} source volume(s) in "
+         f"{len(chunks)} chunk(s), {actors_n} actor(s) with {gpus:g} GPU(s) and {actor_cpus:g} CPU(s) each")  # fmt: skip
     actors = [new_actor() for _ in range(actors_n)]
     labels: dict = {}  # label task -> chunk
     ready: deque = deque()  # (label ref, chunk) waiting for an actor
     calls: dict = {}  # actor call -> (slot, actor, label ref, chunk)
-    bar = tqdm(total=len(todo), desc="generate", unit="vol", disable=not ray_options.progress)
+    bar = tqdm(total=len(work.todo), desc="generate", unit="vol", disable=not ray_options.progress)
     try:
         while chunks or labels or ready or calls:
-            while chunks and len(labels) + len(ready) < 2 * actors_n + 1:
+            while chunks and len(labels) + len(ready) < window:
                 chunk = chunks.popleft()
-                labels[label_task.remote(str(source), source_fingerprint, options.seed, chunk, bank_ref, config)] = (
-                    chunk
-                )
+                task = label_task.remote(str(work.source), work.source_fingerprint, options.seed, chunk, bank_ref,
+                                         work.config)  # fmt: skip
+                labels[task] = chunk
             while ready:
                 load = [sum(1 for s, a, *_ in calls.values() if s == k and a is actors[k]) for k in range(actors_n)]
                 slot = min(range(actors_n), key=load.__getitem__)
@@ -314,16 +361,23 @@ def _run_pool(options, ray_options, model, out, source, bank, config, fingerprin
             slot, actor, label_ref, chunk = calls.pop(finished)
             try:
                 rows, times = ray.get(finished)
-            except RayActorError:  # the actor died (killed, out of memory, its node lost): replace it, redo
+            except RayActorError as exc:  # the actor died (killed, out of memory, its node lost): replace it, redo
                 if actors[slot] is actor:
+                    if summary.actors_replaced >= max_replacements:
+                        raise CtsynthError(f"{work.out}: generator actors died {summary.actors_replaced + 1} times; "
+                                           f"the last: {_one_line(exc)}") from None  # fmt: skip
+                    ray.kill(actor)  # it may be unreachable rather than dead: it must not write any more
                     actors[slot] = new_actor()
                     summary.actors_replaced += 1
-                ready.appendleft((label_ref, chunk))
+                ready.appendleft((label_ref, chunk))  # its finished volumes are rewritten, byte for byte the same
                 continue
             except RayTaskError as exc:
                 if isinstance(exc.cause, CtsynthError):
                     raise CtsynthError(str(exc.cause)) from None
-                raise
+                raise CtsynthError(f"{work.out}: generation failed ({_one_line(exc)}); finished volumes are kept, "
+                                   f"--resume continues") from None  # fmt: skip
+            except RayError as exc:
+                raise CtsynthError(f"{work.out}: generation failed ({_one_line(exc)}); --resume continues") from None
             summary.stages.add(times)
             summary.made += len(rows)
             bar.update(len(rows))

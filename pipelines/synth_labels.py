@@ -13,7 +13,7 @@ from ctsynth_ray.synth_labels import (
     SourceCache,
     SynthLabelConfig,
     check_sources,
-    planned_source,
+    plan_chunks,
     write_label_volumes,
 )
 
@@ -22,21 +22,13 @@ from ctsynth_ray.synth_labels import (
 _CACHES: dict[tuple[str, str, int], SourceCache] = {}
 
 
-def source_cache(source: str, fingerprint: str, size: int) -> SourceCache:
-    """This process' cache of the train volumes of ``source`` that can give ``size``^3 cubes."""
+def source_cache(source: str, fingerprint: str, size: int, max_bytes: int = 4 << 30) -> SourceCache:
+    """This process' cache of the train volumes of ``source`` that can give ``size``^3 cubes (decoded volumes
+    beyond ``max_bytes`` are dropped, least recently used first)."""
     key = (source, fingerprint, size)
     if key not in _CACHES:
-        _CACHES[key] = SourceCache(source, check_sources(source, size))
+        _CACHES[key] = SourceCache(source, check_sources(source, size), max_bytes)
     return _CACHES[key]
-
-
-def plan_chunks(seed: int, indices, n_sources: int, chunk: int) -> list[list[int]]:
-    """``indices`` grouped by the source each is cut from (:func:`planned_source`), each group in chunks of at
-    most ``chunk``: a task decodes a source once for all its volumes, however many sources there are."""
-    groups: dict[int, list[int]] = {}
-    for index in indices:
-        groups.setdefault(planned_source(seed, index, n_sources), []).append(index)
-    return [group[k : k + chunk] for _, group in sorted(groups.items()) for k in range(0, len(group), chunk)]
 
 
 def _chunk_task(out: str, source: str, fingerprint: str, seed: int, indices: list[int], bank,

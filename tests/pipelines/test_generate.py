@@ -73,6 +73,9 @@ def test_volumes_are_bitwise_the_same_whatever_the_actors_and_batch(generator, t
     for vid in a:
         for x, y in zip(a[vid], b[vid]):
             np.testing.assert_array_equal(x, y)
+    for sub in ("images", "masks", "labels"):  # the files themselves, gzip header included
+        for path in sorted((tmp_path / "one" / sub).iterdir()):
+            assert path.read_bytes() == (tmp_path / "two" / sub / path.name).read_bytes()
 
 
 def named_generator_actors(ray):
@@ -94,8 +97,9 @@ def test_a_killed_actor_is_replaced_and_every_volume_made_once(generator, tmp_pa
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 120
-    while not named_generator_actors(ray) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not list((out / PROGRESS).glob("*.json")) if (out / PROGRESS).is_dir() else True:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.02)  # kill mid-run: once a volume is finished
     victim = ray.get_actor(named_generator_actors(ray)[0])
     if how == "ray.kill":
         ray.kill(victim)
@@ -139,6 +143,8 @@ def test_resume_after_an_interrupted_run_redoes_nothing_finished(generator, tmp_
     more = generate(options(generator, out, n=44, resume=True), QUIET, echo=silent)
     assert more.skipped == 40 and more.made == 4
     assert all((out / "images" / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
+    with pytest.raises(CtsynthError, match="--resume can add volumes, not take them away"):
+        generate(options(generator, out, n=10, resume=True), QUIET, echo=silent)
 
 
 def test_bad_runs_are_clear_errors(generator, gan_data, tmp_path, ray_session):
@@ -152,6 +158,11 @@ def test_bad_runs_are_clear_errors(generator, gan_data, tmp_path, ray_session):
         generate(options(generator, out, n=2), QUIET, echo=silent)
     with pytest.raises(CtsynthError, match="seed differ"):
         generate(options(generator, out, n=2, seed=9, resume=True), QUIET, echo=silent)
+    with pytest.raises(CtsynthError, match="do not fit the Ray cluster's 2 CPU"):
+        generate(options(generator, tmp_path / "many", actors=16), QUIET, echo=silent)
+    with pytest.raises(CtsynthError, match="the Ray cluster has 0 GPU"):
+        generate(options(generator, tmp_path / "gpu", gpus_per_actor=1), QUIET, echo=silent)
+    assert not (tmp_path / "many").exists() and not (tmp_path / "gpu").exists()
     with pytest.raises(CtsynthError, match="nothing to resume"):
         generate(options(generator, tmp_path / "other", resume=True), QUIET, echo=silent)
     import shutil
