@@ -113,7 +113,7 @@ def test_staged_dataset_leaves_nothing_on_failure_and_refuses_non_empty_out(tmp_
         write_manifest(stage, [write_volume(stage, make_volume(), split="train", source="phantom")])
     assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.parquet", "masks"]
     with pytest.raises(CtsynthError, match="already exists and is not empty"), staged_dataset(out):
-        pass
+        ...  # never reached: entering refuses
     with staged_dataset(out, overwrite=True) as stage:
         write_manifest(stage, [write_volume(stage, make_volume("v2"), split="test", source="phantom")])
     assert [r["volume_id"] for r in read_manifest(out)] == ["v2"]

@@ -20,8 +20,8 @@ from ctsynth_ray.pipelines.runtime import RayOptions
 QUIET = RayOptions(progress=False)
 
 
-def silent(*_):
-    pass
+def silent(*_) -> None:
+    """Print nothing."""
 
 
 @pytest.fixture(scope="module")
