@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctsynth_ray.dataset import write_manifest
 from ctsynth_ray.generation import LabelItem, Translator, VolumeMaker, VolumeWriter
+from ctsynth_ray.generation import label_items as make_label_items
 from ctsynth_ray.labels import HU_SCALE
 from ctsynth_ray.models.gan import GanConfig, GanTrainer
 from ctsynth_ray.models.registry import GENERATOR_STEM, export_network, load_generator
@@ -48,7 +49,6 @@ from ctsynth_ray.synth_labels import (
     SourceCache,
     SynthLabelConfig,
     check_sources,
-    make_label_volume,
     plan_chunks,
     planned_source,
 )
@@ -116,13 +116,7 @@ def make_generator(run_dir: Path) -> Path:
 
 
 def label_items(cache: SourceCache, bank, indices, seed: int = 0) -> tuple[list[LabelItem], float]:
-    started = time.perf_counter()
-    config = SynthLabelConfig(size=SIZE)
-    items = []
-    for index in indices:
-        volume, extras = make_label_volume(seed, index, cache, bank, config)
-        items.append(LabelItem(index, volume.label, volume.affine, extras))
-    return items, time.perf_counter() - started
+    return make_label_items(seed, indices, cache, bank, SynthLabelConfig(size=SIZE))
 
 
 def new_cache(source: Path) -> SourceCache:

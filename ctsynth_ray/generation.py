@@ -30,7 +30,7 @@ from torch import nn
 from ctsynth_ray.dataset import Volume, write_json, write_volume
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import Tissue, encode_labels_tensor, n_classes, network_to_hu_tensor
-from ctsynth_ray.synth_labels import synthetic_volume_id
+from ctsynth_ray.synth_labels import make_label_volume, synthetic_volume_id
 
 PROGRESS = ".progress"  # finished volumes' manifest rows, until the manifest is written
 #: Default slices per forward pass: on a GPU, 512 (the H200's rate levels off there); on a CPU, 16 (the default
@@ -164,6 +164,17 @@ class LabelItem:
     label: np.ndarray
     affine: np.ndarray
     extras: dict = field(default_factory=dict)
+
+
+def label_items(seed: int, indices, sources, bank, config) -> tuple[list[LabelItem], float]:
+    """The label volumes ``indices`` of run ``seed`` (``synth_labels.make_label_volume``) as items to translate,
+    and the seconds they took."""
+    started = time.perf_counter()
+    items = []
+    for index in indices:
+        volume, extras = make_label_volume(seed, index, sources, bank, config)
+        items.append(LabelItem(index, volume.label, volume.affine, extras))
+    return items, time.perf_counter() - started
 
 
 class VolumeWriter:

@@ -37,7 +37,6 @@ from ctsynth_ray.dataset import (
     MANIFEST_NAME,
     dataset_fingerprint,
     read_manifest,
-    read_prepare_record,
     write_json,
     write_manifest,
 )
@@ -51,6 +50,7 @@ from ctsynth_ray.generation import (
     generator_fingerprint,
 )
 from ctsynth_ray.pipelines.runtime import RayOptions, ensure_ray
+from ctsynth_ray.pipelines.synth_labels import resolve_bank
 from ctsynth_ray.synth_labels import SynthLabelConfig, check_sources
 
 RUN_FILE = "generate.json"
@@ -122,17 +122,10 @@ class GenerateSummary:
 
 def _label_task(source: str, fingerprint: str, seed: int, indices: list[int], bank, config: SynthLabelConfig):
     """The label maps of ``indices`` (all cut from one planned source): (items, seconds)."""
-    from ctsynth_ray.generation import LabelItem
+    from ctsynth_ray.generation import label_items
     from ctsynth_ray.pipelines.synth_labels import source_cache
-    from ctsynth_ray.synth_labels import make_label_volume
 
-    started = time.perf_counter()
-    cache = source_cache(source, fingerprint, config.size, SOURCE_CACHE_BYTES)
-    items = []
-    for index in indices:
-        volume, extras = make_label_volume(seed, index, cache, bank, config)
-        items.append(LabelItem(index, volume.label, volume.affine, extras))
-    return items, time.perf_counter() - started
+    return label_items(seed, indices, source_cache(source, fingerprint, config.size, SOURCE_CACHE_BYTES), bank, config)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -148,13 +141,11 @@ def _resolve_inputs(options: GenerateOptions, info: dict) -> tuple[Path, Path | 
         raise CtsynthError(f"{source}: no manifest (pass --source DATASET, the dataset with the label maps)")
     if options.p_nodule == 0:
         return source.resolve(), None
-    bank = options.bank or training.get("bank")
-    if bank is None:
-        record = read_prepare_record(source)
-        bank = record["bank"] if record else None
-    if bank is None or not Path(bank).is_file():
-        raise CtsynthError(f"{bank or source}: no template bank: pass --bank GANDATA/nodule_bank.parquet")
-    return source.resolve(), Path(bank).resolve()
+    trained_with = training.get("bank")
+    if not options.bank and trained_with and Path(trained_with).is_file():
+        return source.resolve(), Path(trained_with).resolve()
+    # --bank, else what prepare last saved for the source: the same rules and errors as synth-labels
+    return source.resolve(), resolve_bank(source.resolve(), Path(options.bank) if options.bank else None)
 
 
 def _finished_before(out: Path, settings: dict, resume: bool) -> dict[int, dict]:
