@@ -1,12 +1,16 @@
 # make setup: an idempotent .venv in the repo root; make demo: the whole chain on phantoms; make test: the suite;
 # make lint: ruff check + ruff format --check (CI runs it before the tests); make format: fix what ruff can.
+# make browser: Debian's chromium for the MLflow UI test (apt; make test runs it first).
 # GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ctsynth-installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup browser demo test lint format clean
+# The browser test drives Debian's chromium (Playwright's own browser download is not used).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP)
 
@@ -19,7 +23,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/ctsynth demo
 
-test: setup
+browser:
+	test -x $(CHROMIUM) || ($(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium))
+
+test: setup browser
 	$(VENV)/bin/python -m pytest
 
 lint: setup

@@ -10,7 +10,7 @@ that label synthesis decodes real-sized sources (``--sources``, 50 for the issue
 The generator is ctsynth's default CycleGAN generator (ResNet 32-64-128, 6 blocks), untrained: speed does not
 depend on the weights.
 
-    .venv/bin/python benchmarks/generate.py [--n 48] [--sources 50] [--batch 256] [--actors 2] [--keep DIR]
+    .venv/bin/python benchmarks/generate.py [--n 96] [--naive-n 48] [--sources 50] [--compile] [--batch 16] [--actors 2] [--keep DIR]
 
 GPU machine without Ray (PyTorch only; see ../shared/STACK.md for carrying nibabel and isal wheels):
 
@@ -157,12 +157,13 @@ def naive(model: Path, source: Path, bank, n: int, out: Path, device: str) -> di
     return {"volumes_per_s": n / (time.perf_counter() - started), **times}
 
 
-def pipeline_on_ray(model: Path, source: Path, n: int, out: Path, batch: int, actors: int | None) -> dict:
+def pipeline_on_ray(model: Path, source: Path, n: int, out: Path, batch: int, actors: int | None,
+                    compile: bool) -> dict:  # fmt: skip
     from ctsynth_ray.pipelines.generate import GenerateOptions, generate
     from ctsynth_ray.pipelines.runtime import RayOptions
 
     options = GenerateOptions(n=n, model=str(model), out=str(out), source=str(source), bank=str(source / "bank.parquet"),
-                              batch=batch, actors=actors, chunk=4)  # fmt: skip
+                              batch=batch, actors=actors, chunk=4, compile=compile)  # fmt: skip
     summary = generate(options, RayOptions(progress=False), echo=lambda *_: None)
     stages = summary.stages
     return {"volumes_per_s": summary.made / summary.seconds, "labels": stages.labels, "inference": stages.inference,
@@ -294,7 +295,8 @@ def main() -> None:
         if "naive" in parts:
             results["naive"] = naive(model, source, bank, args.naive_n or args.n, work / "naive", args.device)
         if not args.no_ray:
-            results["ctsynth"] = pipeline_on_ray(model, source, args.n, work / "ctsynth", args.batch, args.actors)
+            results["ctsynth"] = pipeline_on_ray(model, source, args.n, work / "ctsynth", args.batch, args.actors,
+                                                 args.compile)  # fmt: skip
             results["ratio"] = results["ctsynth"]["volumes_per_s"] / results["naive"]["volumes_per_s"]
         if "inference" in parts:
             results["inference_alone"] = inference_alone(model, args.device, args.compile)

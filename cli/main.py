@@ -64,6 +64,11 @@ class CiMethod(str, Enum):
     thesis = "thesis"
 
 
+class Preset(str, Enum):
+    thesis = "thesis"
+    ratio = "ratio"
+
+
 # ------------------------------------------------------------------------------- errors and parsing
 
 
@@ -566,6 +571,121 @@ def compare(
 
 @app.command()
 @user_errors
+def sweep(
+    real: str = typer.Option(..., "--real", help="DATASET[:split] of real volumes (default split: train)."),
+    synthetic: Path = typer.Option(..., "--synthetic", help="A generated dataset (ctsynth generate)."),
+    val: str = typer.Option(..., "--val", help="DATASET[:split] of real volumes every trial is scored on."),
+    out: Path = typer.Option(..., "--out", help="Sweep folder: plan, trials/, tune/, report/."),
+    preset: Preset = typer.Option(Preset.thesis, help="thesis: the four set-ups scaled; ratio: fixed total."),
+    total: int | None = typer.Option(None, min=1, help="thesis: real set size (default all); ratio: the total."),
+    fractions: str = typer.Option("0,0.25,0.5,0.75,0.9,1", help="ratio: synthetic fractions (0 always runs)."),
+    real_sizes: str | None = typer.Option(None, help="Extra real-only set-ups of these sizes, e.g. 10,20,40."),
+    seeds: int = typer.Option(3, min=1, help="Seeds per set-up (0..K-1): volume draw, patches, weights."),
+    iterations: int = typer.Option(1000, min=1, help="U-Net iterations per trial."),
+    max_concurrent: int | None = typer.Option(None, min=1, help="Trials at once (default: the cluster's fill)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep: finished trials are not rerun."),
+    tracking_uri: TrackingUri = None,
+    experiment: str = typer.Option("ctsynth-sweep", help="MLflow experiment."),
+    address: Address = None,
+    patch: int = typer.Option(96, min=8, help="U-Net patch size in voxels."),
+    batch: int = typer.Option(2, min=1, help="Patches per step."),
+    features: str = typer.Option("32,64,128,256", help="U-Net widths, one per level."),
+    lr: float = typer.Option(3e-4, min=0.0, help="Adam learning rate."),
+    verbose: Verbose = False,
+) -> None:
+    """Synthetic/real set-ups x seeds as Ray Tune trials, in MLflow.
+
+    Each set-up is compared with real-only of the same seed (paired t-test, Wilcoxon); ends with the report.
+    """
+    from ctsynth_ray.pipelines.sweep import SweepOptions, run_sweep
+    from ctsynth_ray.segmentation import parse_spec
+
+    for option, spec in (("--real", real), ("--val", val)):
+        try:
+            parsed = parse_spec(spec)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=option) from None
+        if parsed.n is not None:
+            raise typer.BadParameter("takes DATASET[:split], not :n=N", param_hint=option)
+    fraction_values = parse_numbers(fractions, "--fractions", float)
+    if min(fraction_values) < 0 or max(fraction_values) > 1:
+        raise typer.BadParameter(f"--fractions must lie in [0, 1], got {fractions!r}")
+    try:
+        options = SweepOptions(
+            real=real, synthetic=str(synthetic), val=val, out=str(out), preset=preset.value, total=total,
+            fractions=fraction_values, real_sizes=parse_widths(real_sizes, "--real-sizes") if real_sizes else (),
+            seeds=seeds, iterations=iterations, max_concurrent=max_concurrent, tracking_uri=tracking_uri or "",
+            experiment=experiment, patch=patch, batch=batch, features=parse_widths(features, "--features"), lr=lr,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    summary = run_sweep(options, resume=resume, address=address, verbose=verbose, echo=typer.echo)
+    typer.echo(summary.format())
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def report(
+    sweep_dir: Path | None = typer.Argument(None, metavar="SWEEP", help="A sweep folder (ctsynth sweep --out)."),
+    out: Path = typer.Option(..., "--out", help="Folder for report.md, report.html, results.csv and the PNGs."),
+    experiment: str | None = typer.Option(None, help="Build it from MLflow alone: the newest sweep there."),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """A sweep's report: tables, p-values and plots (Markdown, HTML)."""
+    from ctsynth_ray.pipelines.sweep import report_from_folder, report_from_mlflow
+
+    if (sweep_dir is None) == (experiment is None):
+        raise typer.BadParameter("give a SWEEP folder or --experiment NAME (one of them)")
+    if sweep_dir is not None:
+        written = report_from_folder(sweep_dir, out)
+    else:
+        written = report_from_mlflow(experiment, out, tracking_uri or "")
+    typer.echo(f"report: {written['report']} and {written['html']} ({len(written) - 3} figure(s))")
+
+
+@app.command()
+@user_errors
+def ui(
+    port: int = typer.Option(5000, min=1, max=65535, help="Port of the MLflow UI."),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """MLflow's UI on 127.0.0.1; prints each experiment's runs table."""
+    import socket
+
+    from ctsynth_ray.errors import CtsynthError
+    from ctsynth_ray.pipelines.runtime import LOOPBACK
+    from ctsynth_ray.pipelines.ui import experiment_links, start_server, temporary_artifacts
+
+    links = experiment_links(tracking_uri or "", port)
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError as exc:
+            raise CtsynthError(
+                f"{LOOPBACK}:{port}: cannot listen there ({exc.strerror}); choose another --port"
+            ) from None
+    for warning in temporary_artifacts(links):
+        typer.echo(f"ctsynth: warning: {warning}", err=True)
+    typer.echo(f"MLflow UI on http://{LOOPBACK}:{port} (Ctrl-C stops it). Runs tables:")
+    for link in links:
+        typer.echo(f"  {link.name:<24} {link.runs:>4} run(s)  {link.url}")
+        for sweep_name, url in link.sweeps.items():
+            typer.echo(f"    sweep {sweep_name}: its trials side by side: {url}")
+    process = start_server(tracking_uri or "", port)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        return
+    if code:
+        raise CtsynthError(f"the MLflow server stopped with exit code {code} (its messages are above)")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("ctsynth-demo"), help="Folder for every demo output (replaced each run)."),
     n: int = typer.Option(12, min=8, help="Number of phantoms."),
@@ -577,6 +697,8 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """Run the whole chain on built-in phantoms; list every output."""
+    import shlex
+
     from ctsynth_ray.pipelines.demo import DemoOptions, run_demo
     from ctsynth_ray.pipelines.tracking import default_tracking_uri
 
@@ -587,6 +709,7 @@ def demo(
     typer.echo(f"\ndemo finished in {seconds:.0f} s. Outputs:")
     for name, path in outputs:
         typer.echo(f"  {name:<28} {Path(path).resolve()}")
+    typer.echo(f"\nBrowse every run in MLflow: ctsynth ui --tracking-uri {shlex.quote(options.tracking_uri)}")
 
 
 def main() -> None:

@@ -117,7 +117,8 @@ def write_scores_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
 
 
 def read_scores_csv(path: str | os.PathLike) -> dict[str, dict]:
-    """A score CSV as {volume_id: row}; extra columns ignored. CtsynthError naming the file and line otherwise."""
+    """A score CSV as {volume_id: row} (nodule_present, the compared metrics and accuracy where present); other
+    columns ignored. CtsynthError naming the file and line otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CtsynthError(f"{path}: file not found")
@@ -139,7 +140,7 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, dict]:
                     f"{path}: line {line}: nodule_present {raw['nodule_present']!r} is not true/false, yes/no or 1/0"
                 )
             row = {"volume_id": vid, "nodule_present": present in _TRUE}
-            for metric in COMPARED:
+            for metric in (*COMPARED, *(["accuracy"] if "accuracy" in reader.fieldnames else [])):
                 text = (raw[metric] or "").strip()
                 try:
                     row[metric] = float(text) if text else float("nan")

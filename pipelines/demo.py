@@ -2,8 +2,9 @@
 
 Each step prints one line (``[k/N] what``) and calls the same pipeline functions as the commands. As in the
 thesis: the GAN trains on the phantoms' train split; the U-Nets are scored on the val split, which no training
-set contains; the mixed set-up takes its real part from the test split, which the GAN never trained on, and its
-synthetic part from `generate`.
+set contains. The closing sweep varies the synthetic share of a fixed-size training set whose real part comes from
+the test split, which the GAN never trained on (the thesis' mixed set-up), and whose synthetic part comes from
+`generate`; it runs as Ray Tune trials, compares each set-up with real-only and writes the thesis-style report.
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ class DemoOptions:
     workers: int = 2
     gan_steps: int = 80
     seg_iterations: int = 80
+    sweep_total: int = 2
     tracking_uri: str = ""
     verbose: bool = False
 
     def __post_init__(self):
         if self.n < 8:
             raise ValueError(f"the demo needs at least 8 phantoms (2 in each of val and test), got {self.n}")
+        if self.generated < self.sweep_total:
+            raise ValueError(
+                f"the demo's sweep needs at least {self.sweep_total} generated volumes, got {self.generated}"
+            )
 
 
 def _checked(dataset: Path, echo) -> None:
@@ -54,6 +60,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     from ctsynth_ray.pipelines.phantoms import make_phantom_dataset
     from ctsynth_ray.pipelines.prepare import BANK_NAME, prepare
     from ctsynth_ray.pipelines.segment import segment_dataset
+    from ctsynth_ray.pipelines.sweep import SweepOptions, run_sweep
     from ctsynth_ray.pipelines.synth_labels import synth_labels
     from ctsynth_ray.pipelines.train_gan import TrainGanOptions, train_gan
     from ctsynth_ray.pipelines.train_seg import TrainSegOptions, train_seg
@@ -136,28 +143,42 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     outputs += [("generated CT dataset", synthetic),
                 ("generated CT preview", write_preview(synthetic, out / "synthetic-preview.png"))]  # fmt: skip
 
-    seg_runs = {}
-    set_ups = (("real-only", (f"{phantoms}:train",)), ("mixed", (f"{phantoms}:test:n=2", str(synthetic))))
-    for k, (name, train_specs) in enumerate(set_ups, start=8):
-        step(k, f"train-seg: a tiny 3D U-Net, {name} ({' + '.join(Path(s).name for s in train_specs)}), "
-                f"evaluated on {phantoms.name}:val")  # fmt: skip
-        run = out / f"seg-{name}"
-        shutil.rmtree(run, ignore_errors=True)
-        seg_options = TrainSegOptions(train=train_specs, val=f"{phantoms}:val", run_dir=str(run),
-                                      iterations=options.seg_iterations, patch=32, batch=4, features=(8, 16, 32),
-                                      lr=1e-3, eval_every=options.seg_iterations, workers=1, cpus_per_worker=workers,
-                                      tracking_uri=options.tracking_uri, experiment="ctsynth-demo")  # fmt: skip
-        seg_metrics = train_seg(seg_options, verbose=options.verbose).metrics
-        echo(f"{name}: validation Dice {seg_metrics.get('val_dice', float('nan')):.3f}")
-        seg_runs[name] = run
-        outputs += [(f"U-Net {name} model", run / "model.pt"), (f"U-Net {name} scores", run / "metrics.csv")]
-    echo("\ncompare real-only (baseline) with mixed (candidate):")
-    echo(format_comparison(compare(read_scores_csv(seg_runs["real-only"] / "metrics.csv"),
-                                   read_scores_csv(seg_runs["mixed"] / "metrics.csv"))))  # fmt: skip
+    step(8, f"train-seg: a tiny 3D U-Net on {phantoms.name}:train, evaluated on {phantoms.name}:val")
+    seg_run = out / "seg-real-only"
+    shutil.rmtree(seg_run, ignore_errors=True)
+    seg_options = TrainSegOptions(train=(f"{phantoms}:train",), val=f"{phantoms}:val", run_dir=str(seg_run),
+                                  iterations=options.seg_iterations, patch=32, batch=4, features=(8, 16, 32), lr=1e-3,
+                                  eval_every=options.seg_iterations, workers=1, cpus_per_worker=workers,
+                                  tracking_uri=options.tracking_uri, experiment="ctsynth-demo")  # fmt: skip
+    seg_metrics = train_seg(seg_options, verbose=options.verbose).metrics
+    echo(f"real-only: validation Dice {seg_metrics.get('val_dice', float('nan')):.3f}")
+    outputs += [("U-Net real-only model", seg_run / "model.pt"), ("U-Net real-only scores", seg_run / "metrics.csv")]
 
-    step(10, f"segment: the real-only U-Net applied to {phantoms.name}:test, then scored")
+    step(9, f"segment: the U-Net applied to {phantoms.name}:test, then scored")
     pred = out / "segment-test"
-    segment_dataset(seg_runs["real-only"], phantoms, pred, split="test", ray_options=parallel)
+    segment_dataset(seg_run, phantoms, pred, split="test", ray_options=parallel)
     scores = write_scores_csv(out / "segment-test.csv", score_folders(pred, phantoms, "test"))
     outputs += [("segmented test volumes", pred), ("their scores", scores)]
+
+    # The thesis' mixed set-up takes its real part from a split the GAN never trained on: so does this sweep.
+    fractions = (0.0, 0.5, 1.0)
+    step(10, f"sweep: {options.sweep_total} training volumes of {phantoms.name}:test, synthetic share "
+             f"{', '.join(f'{f:g}' for f in fractions)}, as Ray Tune trials of train-seg; compared in MLflow; report")  # fmt: skip
+    sweep_dir = out / "sweep"
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    sweep = run_sweep(SweepOptions(real=f"{phantoms}:test", synthetic=str(synthetic), val=f"{phantoms}:val",
+                                   out=str(sweep_dir), preset="ratio", total=options.sweep_total, fractions=fractions,
+                                   seeds=1, iterations=max(1, options.seg_iterations // 2), max_concurrent=3,
+                                   tracking_uri=options.tracking_uri,
+                                   experiment="ctsynth-demo-sweep", patch=32, batch=4, features=(4, 8, 16), lr=1e-3),
+                      verbose=options.verbose, echo=echo)  # fmt: skip
+    echo(sweep.format())
+    if sweep.failed:
+        raise CtsynthError("the demo sweep had failed trials:\n" + "\n".join(sweep.failed))
+    trials = sweep_dir / "trials"
+    echo("\ncompare real-only (baseline) with the half-synthetic set (candidate), as `ctsynth compare` does:")
+    echo(format_comparison(compare(read_scores_csv(trials / "real-only-seed0" / "metrics.csv"),
+                                   read_scores_csv(trials / "synthetic-50%-seed0" / "metrics.csv"))))  # fmt: skip
+    outputs += [("sweep (trials, Tune state)", sweep_dir), ("sweep report", sweep.report["report"]),
+                ("sweep report, one HTML page", sweep.report["html"])]  # fmt: skip
     return outputs, time.monotonic() - started

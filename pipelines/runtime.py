@@ -48,6 +48,8 @@ def set_local_defaults() -> None:
         os.environ.setdefault(name, value)
     # Ray Train's print patch tees every worker print to stdout and to its logger: each line showed twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Tune's own banner, result paths and TensorBoard hint: ctsynth prints a line per trial instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # A harmless C++ warning Ray Train's controller prints at every start (its preemption watcher's arguments).
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "PreemptionWatcher")
 

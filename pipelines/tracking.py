@@ -32,6 +32,12 @@ def tracking_setup(uri: str, experiment: str) -> str:
         database = Path(uri[len("sqlite:///") :])
         database.parent.mkdir(parents=True, exist_ok=True)
         artifacts = (database.parent / "artifacts").resolve().as_uri()
+        if not database.exists():
+            # MLflow creates the "Default" experiment with the store, its artifacts in ./mlruns of whichever process
+            # came first (a Ray worker's is Ray's temporary folder): create the store here, artifacts beside it.
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, artifacts)
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifacts)

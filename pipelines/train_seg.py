@@ -101,7 +101,6 @@ def _patch_batch(options: TrainSegOptions, volumes, cache, step: int, rank: int,
 
 def _evaluate(model, options: TrainSegOptions, val_dataset: Path, val_rows: list[dict], cache, device, step: int):
     """Segment every validation volume, write RUN/pred and the CSVs; returns (rows, summary, png)."""
-    import numpy as np
 
     from ctsynth_ray.dataset import read_nifti, write_nifti
     from ctsynth_ray.seg_metrics import volume_scores, write_scores_csv
@@ -120,12 +119,20 @@ def _evaluate(model, options: TrainSegOptions, val_dataset: Path, val_rows: list
             shown.append((row["volume_id"], ct, mask, pred))
     write_scores_csv(run_dir / "metrics.csv", rows)
     csv_path = write_scores_csv(run_dir / "evals" / f"iter-{step:07d}.csv", rows)
+    png = _prediction_png(run_dir / "evals" / f"iter-{step:07d}.png", shown)
+    return rows, validation_summary(rows), csv_path, png
+
+
+def validation_summary(rows: list[dict]) -> dict[str, float]:
+    """The metrics an evaluation reports: sensitivity, Dice and F2 averaged over the volumes with a nodule,
+    accuracy over every volume."""
+    import numpy as np
+
     with_nodule = [r for r in rows if r["nodule_present"]]
     summary = {f"val_{m}": float(np.nanmean([r[m] for r in with_nodule])) if with_nodule else float("nan")
                for m in ("sensitivity", "dice", "f2")}  # fmt: skip
     summary["val_accuracy"] = float(np.mean([r["accuracy"] for r in rows]))
-    png = _prediction_png(run_dir / "evals" / f"iter-{step:07d}.png", shown)
-    return rows, summary, csv_path, png
+    return summary
 
 
 def _prediction_png(path: Path, shown) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,9 +57,11 @@ def check_run_options(run_dir: Path, options: dict, resume: bool, may_change: se
 
 
 @contextlib.contextmanager
-def tracked_run(run_dir: Path, tracking_uri: str, experiment: str, resume: bool) -> Iterator[str]:
-    """The MLflow run of RUN, yielding its id: created (named after RUN) for a fresh run, reopened from
-    ``RUN/mlflow_run.json`` on ``resume``; ended FINISHED when the block ends, FAILED when it raises."""
+def tracked_run(run_dir: Path, tracking_uri: str, experiment: str, resume: bool, *, run_name: str | None = None,
+                tags: dict[str, str] | None = None) -> Iterator[str]:  # fmt: skip
+    """The MLflow run of RUN, yielding its id: created (named ``run_name``, default RUN's name, with ``tags``) for
+    a fresh run, reopened from ``RUN/mlflow_run.json`` on ``resume``; ended FINISHED when the block ends, FAILED
+    when it raises."""
     from mlflow.tracking import MlflowClient
 
     experiment_id = tracking_setup(tracking_uri, experiment)
@@ -68,7 +71,7 @@ def tracked_run(run_dir: Path, tracking_uri: str, experiment: str, resume: bool)
         run_id = json.loads(run_file.read_text())["run_id"]
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        run_id = client.create_run(experiment_id, run_name=run_name or run_dir.name, tags=tags).info.run_id
         write_json(run_file, {"run_id": run_id})
     status = "FAILED"
     try:
@@ -100,15 +103,16 @@ def attached_run(tracking_uri: str, run_id: str, active: bool) -> Iterator[None]
         mlflow.end_run(status=status)
 
 
-def fit(train_loop, loop_config: dict, run_dir: Path, ray_name: str, *, workers: int, cpus_per_worker: int = 1,
-        gpus_per_worker: float = 0.0, address: str | None = None, verbose: bool = False):  # fmt: skip
+def fit(train_loop, loop_config: dict, run_dir: Path, ray_name: str, *, workers: int, cpus_per_worker: float = 1,
+        gpus_per_worker: float = 0.0, address: str | None = None, verbose: bool = False, callbacks=None):  # fmt: skip
     """Run ``train_loop`` on a TorchTrainer (gloo on CPU, NCCL on GPU) storing checkpoints under RUN/ray;
     a failed run becomes a CtsynthError naming RUN and the cause. Ray's own report, checkpoint and worker-group
-    messages are shown only when ``verbose``."""
+    messages are shown only when ``verbose``. ``callbacks``: Ray Train callbacks (a sweep's trial passes Tune's
+    report callback). A run folder that holds checkpoints of ``ray_name`` is continued from the latest."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(address, num_cpus=None if address else max(2, workers * cpus_per_worker), verbose=verbose)
+    ensure_ray(address, num_cpus=None if address else max(2, math.ceil(workers * cpus_per_worker)), verbose=verbose)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -122,6 +126,7 @@ def fit(train_loop, loop_config: dict, run_dir: Path, ray_name: str, *, workers:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": quiet_train_env(verbose)},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            callbacks=callbacks,
         ),
     )
     try:

@@ -74,25 +74,27 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     assert result.exit_code == 0, result.output
     for k in range(1, 11):
         assert result.output.count(f"[{k}/10]") == 1
-    assert "compare real-only (baseline) with mixed (candidate)" in result.output and "t-test p" in result.output
+    assert "compare real-only (baseline) with the half-synthetic set" in result.output and "t-test p" in result.output
     demo = (tmp_path / "demo").resolve()
     for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
                    "phantoms/labels", "phantoms/prepare.json", "gan-data", "gan-data/nodule_bank.parquet",
                    "synthetic-labels", "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json",
                    "synthetic", "synthetic-preview.png", "seg-real-only/model.pt", "seg-real-only/metrics.csv",
-                   "seg-mixed/metrics.csv", "segment-test", "segment-test.csv"):  # fmt: skip
+                   "segment-test", "segment-test.csv", "sweep", "sweep/report/report.md",
+                   "sweep/report/report.html"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
     generated = read_manifest(demo / "synthetic")
     assert len(generated) == 3 and all(r["image"] and r["source"] == "synthetic" for r in generated)
-    # The demo never trains on a volume it scores: the U-Nets are scored on val; the mixed run trained on test
-    # phantoms and generated volumes cut from train phantoms.
+    # The demo never trains on a volume it scores: the U-Nets are scored on val; the sweep's mixed trials trained on
+    # test phantoms and generated volumes cut from train phantoms.
     phantoms = read_manifest(demo / "phantoms")
     val = {r["volume_id"] for r in phantoms if r["split"] == "val"}
     assert {r["source_volume_id"] for r in generated} <= {r["volume_id"] for r in phantoms if r["split"] == "train"}
-    assert set(read_scores_csv(demo / "seg-mixed" / "metrics.csv")) == val
+    assert set(read_scores_csv(demo / "sweep" / "trials" / "synthetic-50%-seed0" / "metrics.csv")) == val
     assert "ctsynth: warning" not in result.output  # the mixed set's real part never trained the GAN
+    assert "sweep: 3 of 3 trial(s) finished" in result.output and f"ctsynth ui --tracking-uri {uri}" in result.output
 
 
 def test_ingest_lidc_reports_failed_cases_and_exits_1(test_data, tmp_path):
@@ -230,7 +232,7 @@ def test_help_names_every_command_on_one_line(monkeypatch):
     panel = [line for line in result.output[result.output.index("Commands") :].splitlines() if line.startswith("│")]
     names = [line.strip("│ ").split()[0] for line in panel]
     expected = {"phantom", "inspect", "ingest", "prepare", "synth-labels", "train-gan", "generate", "train-seg", "segment",
-                "score", "compare", "demo"}  # fmt: skip
+                "score", "compare", "sweep", "report", "ui", "demo"}  # fmt: skip
     assert set(names) == expected and len(panel) == len(expected)  # no wrapped second lines
 
 
