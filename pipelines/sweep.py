@@ -389,8 +389,9 @@ def run_sweep(options: SweepOptions, *, resume: bool = False, address: str | Non
     with tracked_run(out, tracking_uri, options.experiment, resume and (out / RUN_FILE).is_file(),
                      tags={"ctsynth.kind": "sweep"}) as parent_run_id:  # fmt: skip
         client = MlflowClient(tracking_uri)
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
-        if not client.get_run(parent_run_id).data.params:
+        parent = client.get_run(parent_run_id)
+        experiment_id = parent.info.experiment_id
+        if not parent.data.params:
             import mlflow
 
             params = {"preset": options.preset, "real": options.real, "synthetic": options.synthetic,

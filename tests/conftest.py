@@ -106,3 +106,24 @@ def tiny_generator(gan_data, tmp_path_factory) -> Path:
     trainer = GanTrainer(GanConfig(model="pix2pix", unet_width=4, unet_downs=5), 2, 1, 1)
     export_generator(run_dir, trainer, TrainGanOptions(gandata=str(gan_data), run_dir=str(run_dir)), description)
     return run_dir
+
+
+def _live_processes(*titles: bytes) -> list[int]:
+    """Pids of live processes whose title starts with one of ``titles`` (Ray titles its workers ``ray::<Class>...``;
+    Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            title = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if title.startswith(titles) and state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def ray_processes():
+    """``ray_processes(b"ray::VolumeMaker", ...)``: pids of the live Ray workers of those titles."""
+    return _live_processes

@@ -82,20 +82,6 @@ def named_generator_actors(ray):
     return [name for name in ray.util.list_named_actors() if name.startswith("ctsynth-generator-")]
 
 
-def generator_processes() -> list[int]:
-    """Pids of live processes running a VolumeMaker (Ray titles its workers ``ray::VolumeMaker...``; Linux /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            title = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue  # not a process, or gone meanwhile
-        if title.startswith(b"ray::VolumeMaker") and state not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_a_killed_actor_is_replaced_and_every_volume_made_once(generator, tmp_path, ray_session, how):
     ray = ray_session
@@ -128,7 +114,7 @@ def test_a_killed_actor_is_replaced_and_every_volume_made_once(generator, tmp_pa
     assert len(list((out / "images").iterdir())) == 30 and not list(out.rglob(".*.tmp.*"))
 
 
-def test_resume_after_an_interrupted_run_redoes_nothing_finished(generator, tmp_path, ray_session):
+def test_resume_after_an_interrupted_run_redoes_nothing_finished(generator, tmp_path, ray_session, ray_processes):
     out = tmp_path / "synth"
     address = ray_session.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "ctsynth_ray.cli.main", "generate", "--n", "40", "--model", str(generator),
@@ -138,12 +124,12 @@ def test_resume_after_an_interrupted_run_redoes_nothing_finished(generator, tmp_
     while len(list((out / PROGRESS).glob("*.json")) if (out / PROGRESS).is_dir() else []) < 3:
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.02)
-    assert generator_processes()  # the wait below looks for the right processes
+    assert ray_processes(b"ray::VolumeMaker")  # the wait below looks for the right processes
     process.send_signal(signal.SIGKILL)
     process.wait()
     # The dead driver's actors die with it, a moment later; an actor can be unregistered while its process still
     # finishes a write, so wait for the processes themselves.
-    while generator_processes() or any(
+    while ray_processes(b"ray::VolumeMaker") or any(
         a["name"].startswith("ctsynth-generator-") for a in ray_session.util.list_named_actors(all_namespaces=True)
     ):
         assert time.monotonic() < deadline

@@ -40,18 +40,7 @@ def options(gan_data, synthetic, tmp_path, **kwargs) -> SweepOptions:
                            "experiment": "sweep-test", **TINY, **kwargs})  # fmt: skip
 
 
-def trial_processes() -> list[int]:
-    """Pids of live Ray processes of a sweep's trials (Tune's trial actor, Train's controller and workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            title = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if title.startswith((b"ray::ImplicitFunc", b"ray::RayTrainWorker", b"ray::TrainController")) and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+TRIAL_TITLES = (b"ray::ImplicitFunc", b"ray::RayTrainWorker", b"ray::TrainController")  # Tune's trial, Train's
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +95,8 @@ def test_sweep_logs_nested_runs_comparisons_and_a_report(finished_sweep, tmp_pat
         run_sweep(SweepOptions(**{**opts.__dict__, "iterations": 9}), resume=True, echo=silent)
 
 
-def test_an_interrupted_sweep_resumed_reruns_no_finished_trial(gan_data, synthetic, tmp_path, ray_session):
+def test_an_interrupted_sweep_resumed_reruns_no_finished_trial(gan_data, synthetic, tmp_path, ray_session,
+                                                               ray_processes):  # fmt: skip
     from mlflow.tracking import MlflowClient
 
     opts = options(gan_data, synthetic, tmp_path, iterations=20, max_concurrent=1, samples_per_volume=8)  # the CLI's
@@ -116,7 +106,7 @@ def test_an_interrupted_sweep_resumed_reruns_no_finished_trial(gan_data, synthet
                "--fractions", "1", "--seeds", "1", "--iterations", "20", "--max-concurrent", "1", "--patch", "32",
                "--batch", "2", "--features", "4,8,16", "--tracking-uri", opts.tracking_uri, "--experiment",
                "sweep-test", "--address", address]  # fmt: skip
-    earlier = set(trial_processes())  # other tests' (ended) trials may still be going away
+    earlier = set(ray_processes(*TRIAL_TITLES))  # other tests' (ended) trials may still be going away
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = Path(opts.out) / "trials"
     deadline = time.monotonic() + 240
@@ -125,9 +115,9 @@ def test_an_interrupted_sweep_resumed_reruns_no_finished_trial(gan_data, synthet
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    while set(trial_processes()) - earlier:  # the dead driver's trials die with it, a moment later
+    while set(ray_processes(*TRIAL_TITLES)) - earlier:  # the dead driver's trials die with it, a moment later
         assert time.monotonic() < deadline, [(Path(f"/proc/{pid}/cmdline").read_bytes()[:60], pid)
-                                             for pid in set(trial_processes()) - earlier]  # fmt: skip
+                                             for pid in set(ray_processes(*TRIAL_TITLES)) - earlier]  # fmt: skip
         time.sleep(0.1)
     finished = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/model.pt")}
     assert len(finished) == 1
@@ -150,6 +140,10 @@ def test_sweeps_that_cannot_run_are_refused_before_ray(gan_data, synthetic, tmp_
     with pytest.raises(CtsynthError, match="no sweep to resume"):
         run_sweep(options(gan_data, synthetic, tmp_path), resume=True, echo=silent)
     assert not (tmp_path / "sweep").exists()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "sweep.json").write_text("{not json")
+    with pytest.raises(CtsynthError, match=r"broken/sweep.json: not a sweep plan ctsynth can read"):
+        run_sweep(options(gan_data, synthetic, tmp_path, out=str(tmp_path / "broken")), resume=True, echo=silent)
     runner = CliRunner()
     result = runner.invoke(app, ["sweep", "--real", str(dataset), "--synthetic", str(synthetic), "--val",
                                  f"{dataset}:test", "--out", str(tmp_path / "s"), "--fractions", "0.5,2"])  # fmt: skip
@@ -254,3 +248,26 @@ def test_a_failed_trial_is_reported_and_the_sweep_goes_on_then_resume_reruns_it(
     assert len(table["rows"]) == 3  # one set-up x one seed x three metrics: the resumed sweep replaced it
     runs = client.search_runs([resumed.experiment_id])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_ui_refuses_a_missing_store_and_a_busy_port_and_warns_of_temporary_artifacts(finished_sweep, tmp_path):
+    import socket
+
+    from ctsynth_ray.pipelines.ui import ExperimentLink, experiment_links, temporary_artifacts
+
+    runner = CliRunner()
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    result = runner.invoke(app, ["ui", "--tracking-uri", missing])
+    assert result.exit_code == 1 and f"ctsynth: error: {missing}: no MLflow store there yet" in result.output
+    assert not (tmp_path / "none.db").exists()
+    opts, _ = finished_sweep
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["ui", "--port", str(port), "--tracking-uri", opts.tracking_uri])
+    assert result.exit_code == 1 and f"127.0.0.1:{port}: cannot listen there" in result.output
+    (link,) = [x for x in experiment_links(opts.tracking_uri, 5000) if x.name == "sweep-test"]
+    assert temporary_artifacts([link]) == []
+    in_ray = ExperimentLink("old", "0", 1, link.url, "/tmp/ray/session_2026-11-01_00-00-00_1/mlruns/0", {})
+    assert "a temporary folder" in temporary_artifacts([in_ray])[0]
