@@ -7,6 +7,8 @@ Heavy imports (torch, ray, nibabel) stay inside the commands so that ``--help`` 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -429,7 +431,12 @@ def generate(
     batch: int | None = typer.Option(None, min=1, help="Slices per pass (3D: volumes) [default: 512 GPU, 16 CPU]."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the generator (worth it on GPUs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run; finished volumes are kept."),
+    audit: bool = typer.Option(False, "--audit", help="Audit the set at the end into OUT/audit (exit 1 on copies)."),
+    audit_real: str | None = typer.Option(
+        None, help="--audit's real CT [default: the source split the GAN never saw]."
+    ),
     address: Address = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Make synthetic CT volumes with nodule masks from a generator."""
     from ctsynth_ray.pipelines.generate import GenerateOptions
@@ -440,6 +447,55 @@ def generate(
                               gpus_per_actor=gpus_per_actor, batch=batch, compile=compile, resume=resume)  # fmt: skip
     summary = run_generate(options, ray_options(address=address), echo=typer.echo)
     typer.echo(summary.format())
+    if audit:
+        from ctsynth_ray.pipelines.audit import AuditOptions, default_real, run_audit
+
+        result = run_audit(AuditOptions(synthetic=str(out), real=audit_real or default_real(out), out=str(out / "audit"),
+                                        workers=max(1, os.cpu_count() or 1) if address is None else 1, address=address,
+                                        tracking_uri=tracking_uri or ""), echo=typer.echo)  # fmt: skip
+        typer.echo(result.format())
+        _exit_if_flagged(result)
+
+
+@app.command()
+@user_errors
+def audit(
+    synthetic: Path = typer.Argument(..., help="A synthetic dataset with provenance (ctsynth generate)."),
+    real: str = typer.Option(..., "--real", help="DATASET[:split] of real CT; the GAN should not have seen it."),
+    out: Path = typer.Option(..., "--out", help="Folder for audit.json, audit.html, figures (replaced if an audit)."),
+    gan_data: Path | None = typer.Option(None, help="The GAN's training data [default: the generator's]."),
+    turing: int = typer.Option(0, min=0, help="Write turing.html: N real and N synthetic slices, blind."),
+    json_output: bool = typer.Option(False, "--json", help="Print audit.json instead of the summary."),
+    workers: Workers = 1,
+    address: Address = None,
+    tracking_uri: TrackingUri = None,
+    experiment: str = typer.Option("ctsynth-audit", help="MLflow experiment."),
+    seed: int = typer.Option(0, min=0, help="Seed of the voxel, patch, cube and pair draws."),
+) -> None:
+    """Realism, diversity and patient copies of a synthetic set.
+
+    Writes OUT/audit.json, audit.html and figures, logs them to MLflow; exits 1 when a volume copies a patient.
+    """
+    from ctsynth_ray.pipelines.audit import AuditOptions, run_audit
+
+    echo = (lambda line: typer.echo(line, err=True)) if json_output else typer.echo
+    options = AuditOptions(synthetic=str(synthetic), real=real, out=str(out), gan_data=str(gan_data) if gan_data else None,
+                           turing=turing, workers=workers, address=address, tracking_uri=tracking_uri or "",
+                           experiment=experiment, seed=seed)  # fmt: skip
+    result = run_audit(options, echo=echo)
+    if json_output:
+        typer.echo(json.dumps(result.report, indent=2, default=float))
+    else:
+        typer.echo(result.format())
+    _exit_if_flagged(result)
+
+
+def _exit_if_flagged(result) -> None:
+    """Exit 1 with one line when the audit flagged a volume as a patient copy (a release gate)."""
+    if result.flagged:
+        typer.echo(f"ctsynth: error: {len(result.flagged)} volume(s) flagged as patient copies: "
+                   f"{', '.join(result.flagged[:10])} (see {result.out / 'audit.html'})", err=True)  # fmt: skip
+        raise typer.Exit(1)
 
 
 @app.command("train-seg")

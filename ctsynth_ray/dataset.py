@@ -170,9 +170,10 @@ def write_parquet(path: Path, table: pa.Table) -> None:
 
 
 def crop_cube(array: np.ndarray, origin, size: int, fill) -> np.ndarray:
-    """A ``size``^3 cube of ``array`` whose first voxel is ``origin``; parts outside the array are ``fill``."""
+    """A ``size``^3 cube (a ``size``^2 square for a 2D array) of ``array`` whose first voxel is ``origin``; parts
+    outside the array are ``fill``."""
     origin = np.asarray(origin, int)
-    out = np.full((size,) * 3, fill, array.dtype)
+    out = np.full((size,) * array.ndim, fill, array.dtype)
     lo, hi = np.maximum(origin, 0), np.minimum(origin + size, array.shape)
     if np.all(hi > lo):
         out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))] = array[

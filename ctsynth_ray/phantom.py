@@ -26,7 +26,7 @@ from ctsynth_ray.lidc_sizes import LOBULATED_SHARE, SPICULATED_SHARE, TEXTURE_SH
 #: HU of each tissue (means; texture and noise are added around them).
 HU = {
     "air": -1000.0,
-    "lung": -860.0,
+    "lung": -845.0,
     "fat": -100.0,
     "skin": 30.0,
     "muscle": 50.0,
@@ -57,7 +57,7 @@ class PhantomConfig:
 
     shape: tuple[int, int, int] = (256, 192, 128)
     spacing_mm: tuple[float, float, float] = TARGET_SPACING_MM
-    noise_hu: float = 14.0
+    noise_hu: float = 18.0
     max_nodules: int = 3
     nodule_diameter_mm: tuple[float, float] = (3.0, 30.0)
 
@@ -123,7 +123,7 @@ class _Tubes:
 class _Anatomy:
     """Normalised coordinates of one phantom: u = x / half-width, v = y / half-depth, t = height 0..1."""
 
-    def __init__(self, config: PhantomConfig, rng: np.random.Generator):
+    def __init__(self, config: PhantomConfig, rng: np.random.Generator, outline_rng: np.random.Generator):
         self.config = config
         self.rng = rng
         self.shape = config.shape
@@ -138,8 +138,16 @@ class _Anatomy:
         self.u = (x / self.half_width)[:, None, None]  # + towards the patient's right (RAS)
         self.v = (y / self.half_depth)[None, :, None]  # + anterior
         self.t = np.linspace(0.0, 1.0, self.shape[2], dtype=np.float32)[None, None, :]  # 0 bottom, 1 top
-        self.rho = np.sqrt(self.u**2 + self.v**2)  # (x, y, 1): the body is an elliptic cylinder
         self.theta = np.arctan2(self.v, self.u)  # pi/2 anterior, -pi/2 posterior
+        # The body's cross-section is not an ellipse: a superellipse that is round in front and squarer behind (a
+        # flat back), with a patient's own low-harmonic wobble; it narrows towards the thoracic inlet. rho is the
+        # distance from the centre in units of the outline's radius in that direction and at that height.
+        power = 2.0 + 0.9 * np.clip(-np.sin(self.theta), 0, 1) ** 2
+        outline = np.power(np.abs(self.u) ** power + np.abs(self.v) ** power, 1 / power)
+        wobble = sum(outline_rng.uniform(0.008, 0.025) * np.cos(k * self.theta + outline_rng.uniform(0, 2 * np.pi))
+                     for k in (2, 3, 4))  # fmt: skip
+        taper = 1.0 - 0.12 * np.clip((self.t - 0.68) / 0.32, 0, 1) ** 2  # (1, 1, z)
+        self.rho = (outline / (1.0 + wobble)).astype(np.float32) / taper.astype(np.float32)  # (x, y, z)
 
     def mm(self, adult_mm: float) -> float:
         """An adult size in mm scaled to this patient (never below one in-plane voxel)."""
@@ -177,7 +185,9 @@ def make_phantom(seed: int, index: int, config: PhantomConfig | None = None) -> 
     """
     config = config or PhantomConfig()
     rng = np.random.default_rng((seed, index))
-    a = _Anatomy(config, rng)
+    # The outline's wobble draws from a stream of its own, (seed, index, 1): the main stream, and with it every
+    # nodule's draw, is what it was before the outline had one.
+    a = _Anatomy(config, rng, np.random.default_rng((seed, index, 1)))
     u, v, t, rho, theta = a.u, a.v, a.t, a.rho, a.theta
     shape = config.shape
     hu = np.full(shape, HU["air"], np.float32)
@@ -199,21 +209,25 @@ def make_phantom(seed: int, index: int, config: PhantomConfig | None = None) -> 
     paint(rho < 0.97, "fat", 12 * soft_texture)
     paint(rho < fat_in, "muscle", 6 * soft_texture)
     paint(rho < cavity, "fat", 10 * soft_texture)  # mediastinal fat fills the cavity first
-    # Paraspinal muscles, either side of the spine.
+    # Paraspinal muscles, either side of the spine, following its curve.
+    spine_curve = -0.05 * np.sin(np.pi * t)
     for side in (-1, 1):
-        paint(((u - side * 0.2) / 0.17) ** 2 + ((v + 0.72) / 0.2) ** 2 < 1, "muscle", 6 * soft_texture)
+        paint(((u - side * 0.2) / 0.17) ** 2 + ((v + 0.72 - spine_curve) / 0.2) ** 2 < 1, "muscle", 6 * soft_texture)
 
     # 2. Lungs: inside the rib cage, outside the mediastinum and the spine, above the diaphragm domes.
     dome_right = rng.uniform(0.22, 0.3)  # the right dome sits higher (liver)
     dome_left = dome_right - rng.uniform(0.03, 0.07)
     dome = np.where(u > 0, dome_right, dome_left) - 0.22 * (u**2 + 0.5 * v**2)
     apex = 1.0 - 0.55 * np.clip(rho / cavity, 0, None) ** 4  # lungs narrow towards the apex
-    med_half_width = np.where(t < 0.55, 0.27, 0.16)
+    # The mediastinum widens smoothly around the heart (about dome + 0.1) and narrows above it, not a box.
+    t_mid = dome_right + 0.1
+    med_half_width = 0.15 + 0.13 * np.exp(-(((t - t_mid) / 0.2) ** 2)) * (t > t_mid) + 0.13 * (t <= t_mid)
     mediastinum = ((u + 0.04) / med_half_width) ** 2 + ((v - 0.1) / 0.85) ** 2 < 1
-    spine_block = ((u / 0.2) ** 2 + ((v + 0.62) / 0.3) ** 2) < 1
+    spine_v = -0.55 - 0.05 * np.sin(np.pi * t)  # the thoracic kyphosis: the spine bows backwards mid-chest
+    spine_block = ((u / 0.2) ** 2 + ((v - spine_v + 0.07) / 0.3) ** 2) < 1
     lung = (rho < cavity - 0.01) & ~mediastinum & ~spine_block & (t > dome) & (t < apex)
     lung = ndimage.binary_opening(lung, iterations=2)
-    lung_texture = _smooth_noise(rng, shape, 3, 1.0) * 22 + _smooth_noise(rng, shape, 12, 1.0) * 18
+    lung_texture = _smooth_noise(rng, shape, 3, 1.0) * 30 + _smooth_noise(rng, shape, 12, 1.0) * 24
     dependent = 45 * np.clip(-v, 0, 1)  # gravity: posterior lung is denser
     paint(lung, "lung", lung_texture + dependent)
 
@@ -318,18 +332,29 @@ def make_phantom(seed: int, index: int, config: PhantomConfig | None = None) -> 
     bone |= ribs
     sternum = (np.abs(u) < 0.09) & (v > cavity - 0.005) & (v < cavity + 0.06) & (t > 0.3) & (t < 0.92)
     bone |= sternum
-    # Vertebra: body + arch; a disc every vertebral level.
+    # Vertebrae: each level a body with concave sides (waisted between its end plates), larger further down,
+    # on the kyphotic curve; a disc between levels; the arch, with transverse processes and a spinous process
+    # in the middle of each level only, so that the column is segmented in every view.
     level_pitch = max(0.06, a.mm(27) / (shape[2] * a.spacing[2]))
-    disc = np.mod(t - rng.uniform(0, level_pitch), level_pitch) < level_pitch * 0.22
-    body_v = ((u / 0.13) ** 2 + ((v + 0.55) / 0.2) ** 2) < 1
-    canal = ((u / 0.06) ** 2 + ((v + 0.8) / 0.08) ** 2) < 1
-    arch = ((u / 0.1) ** 2 + ((v + 0.82) / 0.13) ** 2 < 1) | ((np.abs(u) < 0.025) & (v < -0.8) & (v > -0.97))
-    bone |= np.broadcast_to(body_v, shape) & ~disc
-    bone |= np.broadcast_to(arch & ~canal, shape)
-    paint(np.broadcast_to(body_v, shape) & disc, "disc")
+    phase = np.mod(t - rng.uniform(0, level_pitch), level_pitch) / level_pitch  # 0..1 within a level
+    disc = phase < 0.22
+    grow = 1.0 + 0.18 * (1.0 - t)  # lower vertebrae are larger
+    waist = 1.0 - 0.14 * np.sin(np.pi * np.clip((phase - 0.22) / 0.78, 0, 1))
+    body_v = ((u / (0.13 * grow * waist)) ** 2 + ((v - spine_v) / (0.2 * grow * np.sqrt(waist))) ** 2) < 1
+    disc_v = ((u / (0.13 * grow)) ** 2 + ((v - spine_v) / (0.2 * grow)) ** 2) < 1
+    back = v - spine_v  # 0 at the body's centre, negative behind it
+    canal = ((u / 0.06) ** 2 + ((back + 0.25) / 0.08) ** 2) < 1
+    mid_level = (phase > 0.3) & (phase < 0.85)
+    arch = ((u / 0.1) ** 2 + ((back + 0.27) / 0.13) ** 2 < 1) | (
+        (np.abs(u) < 0.025) & (back < -0.25) & (back > -0.42 + 0.06 * phase) & mid_level
+    )
+    transverse = (np.abs(u) < 0.24) & (np.abs(back + 0.27) < 0.05) & (phase > 0.4) & (phase < 0.75)
+    bone |= body_v & ~disc
+    bone |= (arch | transverse) & ~canal
+    paint(disc_v & disc, "disc")
     paint(canal, "csf")
     # Cortical shell: bone voxels within ~1 mm of the bone surface; marrow inside.
-    cortex_vox = max(1, round(a.mm(1.5) / a.spacing[0]))
+    cortex_vox = max(1, round(a.mm(1.0) / a.spacing[0]))
     marrow = ndimage.binary_erosion(bone, iterations=cortex_vox)
     paint(bone, "cortical_bone", 40 * soft_texture)
     paint(marrow, "marrow", 25 * soft_texture)
@@ -340,7 +365,8 @@ def make_phantom(seed: int, index: int, config: PhantomConfig | None = None) -> 
     tissues[mask > 0] = TISSUES.index("nodule")
 
     # 9. Scanner: blur (PSF), then correlated noise; quantise to int16 HU.
-    hu = ndimage.gaussian_filter(hu, sigma=(0.8, 0.8, 0.5))
+    # A scanner's in-plane PSF (about 0.5 mm) and the slice profile of 1-2 mm slices (LIDC's are 1-2.5 mm).
+    hu = ndimage.gaussian_filter(hu, sigma=(1.0, 1.0, 0.8))
     noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.6)
     hu += noise * (config.noise_hu / (noise.std() + 1e-6))
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)

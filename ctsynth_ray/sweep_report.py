@@ -16,14 +16,12 @@ Written to the output folder: ``report.md``, ``report.html`` (standalone, figure
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
 import math
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.html_report import (
+    atomic_write,
+    figure_png,
+    html_document,
+    html_table,
+    image_tag,
+    markdown_table,
+    number,
+)
 from ctsynth_ray.seg_metrics import compare, describe
 from ctsynth_ray.sweep import BASELINE
 
@@ -132,15 +139,6 @@ def comparisons(trials: Sequence[TrialScores], ci: str = "t") -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- figures
 
 
-def _figure_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=80, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _setups_figure(means: dict[str, dict]) -> bytes:
     """Mean with its standard error per set-up, one panel per metric (the thesis' Fig. 5.9)."""
     import matplotlib
@@ -160,7 +158,7 @@ def _setups_figure(means: dict[str, dict]) -> bytes:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("mean +- standard error over volumes per set-up (a volume's score: its mean over seeds)", fontsize=9)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def _volumes_figure(trials: Sequence[TrialScores], setup: str) -> bytes:
@@ -184,7 +182,7 @@ def _volumes_figure(trials: Sequence[TrialScores], setup: str) -> bytes:
         ax.set_ylim(0, 1)
         ax.set_title(f"{setup}: {metric} per volume", fontsize=9)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def _fraction_figure(means: dict[str, dict]) -> bytes:
@@ -222,20 +220,10 @@ def _fraction_figure(means: dict[str, dict]) -> bytes:
     fig.suptitle(f"metric against synthetic fraction: mean and 95 % CI over volumes; line: set-ups of {size} volumes",
                  fontsize=9)  # fmt: skip
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 # ----------------------------------------------------------------------------------------------------- tables
-
-
-def _number(value, digits: int = 3) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.2e}" if abs(value) < 0.001 and value else f"{value:.{digits}f}"
 
 
 def _tables(trials: Sequence[TrialScores], means: dict[str, dict], rows: list[dict]) -> list[tuple[str, list, list]]:
@@ -257,31 +245,10 @@ def _tables(trials: Sequence[TrialScores], means: dict[str, dict], rows: list[di
             ["set-up", "seed", "metric", "n", "median", "mean", "sd", "95% CI", f"{BASELINE} mean", "difference",
              "t-test p", "Wilcoxon p"],
             [[r["setup"], r["seed"], r["metric"], r["n"], r["median"], r["mean"], r["std"],
-              f"[{_number(r['ci_low'])}, {_number(r['ci_high'])}]", r["baseline_mean"], r["mean_difference"],
+              f"[{number(r['ci_low'])}, {number(r['ci_high'])}]", r["baseline_mean"], r["mean_difference"],
               r["p_value"], r["wilcoxon_p"]] for r in chosen],
         ))  # fmt: skip
     return tables
-
-
-def _markdown_table(header: list, body: list) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_number(v) for v in row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def _html_table(header: list, body: list) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(_number(v))}</td>" for v in row) + "</tr>" for row in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{uuid.uuid4().hex[:8]}.tmp.{path.name}")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _slug(name: str) -> str:
@@ -310,23 +277,19 @@ def write_report(trials: Sequence[TrialScores], out: str | os.PathLike, title: s
     markdown = [f"# {title}", "", intro, ""]
     page = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     for caption, header, body in tables:
-        markdown += [f"## {caption}", "", _markdown_table(header, body), ""]
-        page += [f"<h2>{html.escape(caption)}</h2>", _html_table(header, body)]
+        markdown += [f"## {caption}", "", markdown_table(header, body), ""]
+        page += [f"<h2>{html.escape(caption)}</h2>", html_table(header, body)]
     for name, (caption, png) in figures.items():
-        _atomic_write(out / name, png)
+        atomic_write(out / name, png)
         markdown += [f"## {caption}", "", f"![{caption}]({name})", ""]
-        encoded = base64.b64encode(png).decode()
-        page += [f"<h2>{html.escape(caption)}</h2>", f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">']  # fmt: skip
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px;text-align:right}img{max-width:100%}")  # fmt: skip
-    document = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{style}</style></head><body>{''.join(page)}</body></html>")  # fmt: skip
-    _atomic_write(out / "report.md", "\n".join(markdown).encode())
-    _atomic_write(out / "report.html", document.encode())
+        page += [f"<h2>{html.escape(caption)}</h2>", image_tag(png, caption)]
+    document = html_document(title, page)
+    atomic_write(out / "report.md", "\n".join(markdown).encode())
+    atomic_write(out / "report.html", document.encode())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(RESULT_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows)
-    _atomic_write(out / "results.csv", buffer.getvalue().encode())
+    atomic_write(out / "results.csv", buffer.getvalue().encode())
     return {"report": out / "report.md", "html": out / "report.html", "results": out / "results.csv",
             **{name: out / name for name in figures}}  # fmt: skip

@@ -102,6 +102,13 @@ def check_sources(root: str | Path, size: int) -> list[dict]:
     return fitting
 
 
+def cube_accepted(label: np.ndarray) -> bool:
+    """Whether a label cube may become a volume: enough tissue (``MIN_BODY_FRACTION``) and tissue in every axial
+    slice (the thesis' generator collapsed on empty slices). The audit cuts its real cubes by the same rule."""
+    tissue = (label != Tissue.OTHER) & (label != Tissue.OUTSIDE_AIR)
+    return bool(tissue.mean() >= MIN_BODY_FRACTION and tissue.any(axis=(0, 1)).all())
+
+
 def synthetic_volume_id(seed: int, index: int) -> str:
     """The name of volume ``index`` of run ``seed``, in synth-labels and generate alike."""
     return f"synth-s{seed}-{index:06d}"
@@ -140,9 +147,8 @@ def make_label_volume(
         origin = np.array([rng.integers(0, n - size + 1) for n in shape])  # sources are at least size^3
         box = tuple(slice(o, o + size) for o in origin)
         label = source.label[box].copy(order="K")  # keep NIfTI's Fortran order: fast copy and write
-        tissue = (label != Tissue.OTHER) & (label != Tissue.OUTSIDE_AIR)
-        if tissue.mean() < MIN_BODY_FRACTION or not tissue.any(axis=(0, 1)).all():
-            continue  # an axial slice without tissue (the thesis' generator collapsed on those)
+        if not cube_accepted(label):
+            continue
         mask = source.mask[box].copy(order="K")
         break
     else:

@@ -71,7 +71,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     out, workers = Path(options.out), options.workers
     parallel = RayOptions(workers=workers, overwrite=True)
     outputs: list[tuple[str, Path]] = []
-    total = 10
+    total = 11
 
     def step(k: int, text: str) -> None:
         echo(f"\n[{k}/{total}] {text}  ({time.monotonic() - started:.0f} s)")
@@ -143,7 +143,21 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     outputs += [("generated CT dataset", synthetic),
                 ("generated CT preview", write_preview(synthetic, out / "synthetic-preview.png"))]  # fmt: skip
 
-    step(8, f"train-seg: a tiny 3D U-Net on {phantoms.name}:train, evaluated on {phantoms.name}:val")
+    step(
+        8,
+        f"audit: the generated set against {phantoms.name}:test (never seen by the GAN): realism, diversity, "
+        "privacy; a blind Turing page",
+    )
+    from ctsynth_ray.pipelines.audit import AuditOptions, run_audit
+
+    audited = run_audit(AuditOptions(synthetic=str(synthetic), real=f"{phantoms}:test", out=str(out / "audit"),
+                                     turing=4, workers=workers, tracking_uri=options.tracking_uri,
+                                     experiment="ctsynth-demo", progress=True), echo=echo)  # fmt: skip
+    echo(audited.format())
+    outputs += [("audit (JSON)", audited.files["json"]), ("audit (HTML)", audited.files["html"]),
+                ("blind Turing page", audited.files["turing"])]  # fmt: skip
+
+    step(9, f"train-seg: a tiny 3D U-Net on {phantoms.name}:train, evaluated on {phantoms.name}:val")
     seg_run = out / "seg-real-only"
     shutil.rmtree(seg_run, ignore_errors=True)
     seg_options = TrainSegOptions(train=(f"{phantoms}:train",), val=f"{phantoms}:val", run_dir=str(seg_run),
@@ -154,7 +168,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     echo(f"real-only: validation Dice {seg_metrics.get('val_dice', float('nan')):.3f}")
     outputs += [("U-Net real-only model", seg_run / "model.pt"), ("U-Net real-only scores", seg_run / "metrics.csv")]
 
-    step(9, f"segment: the U-Net applied to {phantoms.name}:test, then scored")
+    step(10, f"segment: the U-Net applied to {phantoms.name}:test, then scored")
     pred = out / "segment-test"
     segment_dataset(seg_run, phantoms, pred, split="test", ray_options=parallel)
     scores = write_scores_csv(out / "segment-test.csv", score_folders(pred, phantoms, "test"))
@@ -162,7 +176,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
 
     # The thesis' mixed set-up takes its real part from a split the GAN never trained on: so does this sweep.
     fractions = (0.0, 0.5, 1.0)
-    step(10, f"sweep: {options.sweep_total} training volumes of {phantoms.name}:test, synthetic share "
+    step(11, f"sweep: {options.sweep_total} training volumes of {phantoms.name}:test, synthetic share "
              f"{', '.join(f'{f:g}' for f in fractions)}, as Ray Tune trials of train-seg; compared in MLflow; report")  # fmt: skip
     sweep_dir = out / "sweep"
     shutil.rmtree(sweep_dir, ignore_errors=True)

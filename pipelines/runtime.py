@@ -139,7 +139,14 @@ def parallel_map(
                 pending[remote.remote(*args)] = k
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
+                try:
+                    results[pending.pop(ref)] = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # a user error in a task: its one line, no traceback
+                    from ctsynth_ray.errors import CtsynthError
+
+                    if isinstance(exc.cause, CtsynthError):
+                        raise CtsynthError(str(exc.cause)) from None
+                    raise
                 bar.update()
         return results
     finally:

@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -72,8 +73,8 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "8", "--generated", "3", "--workers",
                                  "2", "--gan-steps", "4", "--seg-iterations", "2", "--tracking-uri", uri])  # fmt: skip
     assert result.exit_code == 0, result.output
-    for k in range(1, 11):
-        assert result.output.count(f"[{k}/10]") == 1
+    for k in range(1, 12):
+        assert result.output.count(f"[{k}/11]") == 1
     assert "compare real-only (baseline) with the half-synthetic set" in result.output and "t-test p" in result.output
     demo = (tmp_path / "demo").resolve()
     for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
@@ -81,10 +82,12 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
                    "synthetic-labels", "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json",
                    "synthetic", "synthetic-preview.png", "seg-real-only/model.pt", "seg-real-only/metrics.csv",
                    "segment-test", "segment-test.csv", "sweep", "sweep/report/report.md",
-                   "sweep/report/report.html"):  # fmt: skip
+                   "sweep/report/report.html", "audit/audit.json", "audit/audit.html", "audit/turing.html"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
+    audit = json.loads((demo / "audit" / "audit.json").read_text())
+    assert audit["n_synthetic"] == 3 and audit["real"].endswith(":test") and len(audit["turing"]["answers"]) == 8
     generated = read_manifest(demo / "synthetic")
     assert len(generated) == 3 and all(r["image"] and r["source"] == "synthetic" for r in generated)
     # The demo never trains on a volume it scores: the U-Nets are scored on val; the sweep's mixed trials trained on
@@ -232,7 +235,7 @@ def test_help_names_every_command_on_one_line(monkeypatch):
     panel = [line for line in result.output[result.output.index("Commands") :].splitlines() if line.startswith("│")]
     names = [line.strip("│ ").split()[0] for line in panel]
     expected = {"phantom", "inspect", "ingest", "prepare", "synth-labels", "train-gan", "generate", "train-seg", "segment",
-                "score", "compare", "sweep", "report", "ui", "demo"}  # fmt: skip
+                "score", "compare", "sweep", "report", "ui", "audit", "demo"}  # fmt: skip
     assert set(names) == expected and len(panel) == len(expected)  # no wrapped second lines
 
 
