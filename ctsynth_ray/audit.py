@@ -357,24 +357,12 @@ class VolumeFeatures:
     interslice: float
 
 
-def volume_features(volume_id: str, hu: np.ndarray, label: np.ndarray, mask: np.ndarray,
-                    rng: np.random.Generator, config: AuditConfig) -> VolumeFeatures:  # fmt: skip
-    return VolumeFeatures(
-        volume_id,
-        class_samples(hu, label, rng, config.voxels_per_class),
-        features_of(lung_patches(hu, label, rng, config.lung_patches)),
-        features_of(nodule_patches(hu, mask)),
-        nodule_contrast(hu, mask, label),
-        interslice(hu, label),
-    )
-
-
-def cube_features(volume_id: str, hu: np.ndarray, label: np.ndarray, mask: np.ndarray, boxes: list,
-                  rng: np.random.Generator, config: AuditConfig) -> VolumeFeatures:  # fmt: skip
-    """A real volume measured as synthetic cubes are: HU samples, lung patches and inter-slice difference of its
-    cubes ``boxes`` (tuples of slices; the whole volume when none could be cut), nodule patches and contrast of the
-    whole volume (a random cube seldom holds one of its nodules)."""
-    boxes = boxes or [tuple(slice(0, n) for n in hu.shape)]
+def volume_features(volume_id: str, hu: np.ndarray, label: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                    config: AuditConfig, boxes: Sequence[tuple] = ()) -> VolumeFeatures:  # fmt: skip
+    """What realism needs of one volume: HU samples, lung patches and inter-slice difference of the whole volume,
+    or of its cubes ``boxes`` (tuples of slices: a real volume measured as synthetic cubes are); nodule patches and
+    contrast always of the whole volume (a random cube seldom holds one of its nodules)."""
+    boxes = list(boxes) or [tuple(slice(0, n) for n in hu.shape)]
     return VolumeFeatures(
         volume_id,
         pooled([class_samples(hu[b], label[b], rng, config.voxels_per_class) for b in boxes]),

@@ -31,7 +31,6 @@ from ctsynth_ray.audit import (
     TrainingCrops,
     VolumeFeatures,
     class_means,
-    cube_features,
     cut_cubes,
     diversity_volume,
     mean_pairwise_ssim,
@@ -290,7 +289,7 @@ def _real_task(root: str, row: dict, position: int, scheme: str, size: int, conf
     cubes = [volume.hu[box] for box in boxes]
     started = time.perf_counter()
     # Measured on cubes cut as the synthetic ones are (nodules on the whole volume): like against like.
-    features = cube_features(row["volume_id"], volume.hu, label, volume.mask, boxes, rng, config)
+    features = volume_features(row["volume_id"], volume.hu, label, volume.mask, rng, config, boxes)
     times["realism"] = time.perf_counter() - started
     nearest = []
     started = time.perf_counter()

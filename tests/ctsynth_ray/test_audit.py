@@ -153,8 +153,8 @@ def test_nodule_patches_centre_on_each_nodule_and_real_volumes_are_measured_on_c
     assert audit.nodule_patches(hu, np.zeros_like(mask)) == []
     boxes = [(slice(0, 24), slice(0, 24), slice(0, 24)), (slice(24, 48), slice(24, 48), slice(0, 24))]
     every = audit.AuditConfig(voxels_per_class=10**6)
-    features = audit.cube_features("v", hu, label, mask, boxes, np.random.default_rng(1), every)
+    features = audit.volume_features("v", hu, label, mask, np.random.default_rng(1), every, boxes)
     assert sum(len(v) for v in features.samples.values()) == 2 * 24**3  # the cubes' voxels, not the volume's
     assert len(features.nodule) == 1 and features.contrast == pytest.approx(900, abs=5)  # nodules: whole volume
-    whole = audit.cube_features("v", hu, label, mask, [], np.random.default_rng(1), every)
+    whole = audit.volume_features("v", hu, label, mask, np.random.default_rng(1), every)
     assert sum(len(v) for v in whole.samples.values()) == hu.size  # no cube: the whole volume

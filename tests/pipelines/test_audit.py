@@ -207,3 +207,15 @@ def test_a_user_error_inside_a_ray_task_is_one_line(planted, gan_data, tmp_path,
         and "is not inside its source" in errors[0]
     )
     assert "Traceback" not in result.output and not (tmp_path / "audit").exists()
+
+
+def test_training_crops_without_3d_shards_are_cut_again_from_the_source(gan_data, tmp_path):
+    from ctsynth_ray.pipelines.audit import load_training_crops
+
+    from_shards = load_training_crops(gan_data, 32, 4)
+    two_d_only = _copy(gan_data, tmp_path / "gan-2d")
+    for shard in (two_d_only / "train").glob("3d-*.parquet"):
+        shard.unlink()
+    recut = load_training_crops(two_d_only, 32, 4)
+    assert recut.names == from_shards.names
+    np.testing.assert_array_equal(recut.hu, from_shards.hu)
