@@ -2,12 +2,14 @@
 # make lint: ruff check + ruff format --check (CI runs it before the tests); make format: fix what ruff can.
 # make browser: Debian's chromium for the MLflow UI test (apt; make test runs it first).
 # GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# make image: the cluster image of deploy/docker (CUDA PyTorch + ctsynth, non-root); IMAGE names it.
 PYTHON ?= python3
 VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ctsynth-installed
+IMAGE ?= ghcr.io/ctsynth/ctsynth:0.1.0
 
-.PHONY: setup browser demo test lint format clean
+.PHONY: setup browser demo test lint format clean image
 # The browser test drives Debian's chromium (Playwright's own browser download is not used).
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -36,6 +38,9 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+image:
+	docker build -f deploy/docker/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) ctsynth-demo .pytest_cache

@@ -162,7 +162,7 @@ def main_options(
 
 # -------------------------------------------------------------------------------- shared options
 
-OutDataset = Annotated[Path, typer.Option("--out", help="Dataset folder to create.")]
+OutDataset = Annotated[str, typer.Option("--out", help="Dataset folder or URI to create.")]
 Workers = Annotated[int, typer.Option(min=1, help="Ray tasks in parallel (1: in this process, no Ray).")]
 Address = Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray on 127.0.0.1).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
@@ -180,6 +180,59 @@ def ray_options(workers: int = 1, address: str | None = None, overwrite: bool = 
     from ctsynth_ray.pipelines.runtime import RayOptions
 
     return RayOptions(workers=workers, address=address, overwrite=overwrite)
+
+
+def local_input(text: str, what: str = "folder", address: str | None = None) -> Path:
+    """A local path for an input: a path or ``file://`` URI as it is, an object-store URI (``s3://``...) as this
+    machine's cached copy (``ctsynth_ray.storage``). With a cluster (``address``, or inside a Ray job), Ray
+    workers on other nodes read that copy: a warning unless ``CTSYNTH_CACHE`` names a folder they can see."""
+    from ctsynth_ray.errors import CtsynthWarning
+    from ctsynth_ray.pipelines.runtime import job_cluster
+    from ctsynth_ray.storage import cache_root, local_copy, location
+
+    where = location(text)
+    if isinstance(where, Path):
+        return where
+    if (address or job_cluster()) and not os.environ.get("CTSYNTH_CACHE"):
+        warnings.warn(f"{where} is read through a copy in {cache_root()} on this machine; Ray workers on other "
+                      f"nodes see it only if CTSYNTH_CACHE names storage every node shares", CtsynthWarning,
+                      stacklevel=2)  # fmt: skip
+    return local_copy(where, what)
+
+
+def local_spec(text: str, address: str | None = None) -> str:
+    """``DATASET[:split][:n=N]`` with DATASET made local as :func:`local_input` does."""
+    from ctsynth_ray.segmentation import split_spec
+
+    dataset, rest = split_spec(text)
+    return ":".join([str(local_input(dataset, "dataset", address)), *rest])
+
+
+def output(text: str, replace: bool = False, marker: str | None = None):
+    """A context giving a local folder for an output the driver alone writes: the path itself, or for an
+    object-store URI a staging folder uploaded when the command succeeds (``ctsynth_ray.storage.output_folder``)."""
+    from ctsynth_ray.storage import output_folder
+
+    return output_folder(text, replace=replace, marker=marker)
+
+
+def shown(text: str) -> str:
+    """A path or URI for a message: credentials in a URI masked."""
+    from ctsynth_ray.storage import masked
+
+    return masked(text)
+
+
+def local_only(text: str, option: str) -> Path:
+    """A path or ``file://`` URI; one line for an object-store URI where a command needs a filesystem."""
+    from ctsynth_ray.errors import CtsynthError
+    from ctsynth_ray.storage import location
+
+    where = location(text)
+    if not isinstance(where, Path):
+        raise CtsynthError(f"{where}: {option} needs a folder on a filesystem every node sees (a path, or file:// "
+                           f"on a shared mount), not an object store")  # fmt: skip
+    return where
 
 
 def check_dataset(dataset: Path) -> None:
@@ -201,7 +254,7 @@ def check_dataset(dataset: Path) -> None:
 @user_errors
 def phantom(
     n: int = typer.Option(..., "--n", min=1, help="Number of volumes."),
-    out: Path = typer.Option(..., "--out", help="Dataset folder to create."),
+    out: str = typer.Option(..., "--out", help="Dataset folder (or file://, s3://... URI) to create."),
     shape: str = typer.Option("256,192,128", help="Grid X,Y,Z in voxels (0.488 x 0.488 x 1 mm); sets body size."),
     seed: Seed = 0,
     split: str = typer.Option("0.8,0.1,0.1", help="Train,val,test fractions."),
@@ -222,12 +275,13 @@ def phantom(
 @app.command()
 @user_errors
 def inspect(
-    dataset: Path = typer.Argument(..., help="Dataset folder (holding manifest.parquet)."),
+    dataset_text: str = typer.Argument(..., metavar="DATASET", help="Dataset folder or URI (with manifest.parquet)."),
     preview: Path | None = typer.Option(None, "--preview", help="Write a PNG montage here."),
 ) -> None:
     """Summarise and check a dataset; exit 1 naming bad volumes."""
     from ctsynth_ray.preview import write_preview
 
+    dataset = local_input(dataset_text, "dataset")
     check_dataset(dataset)
     if preview is not None:
         typer.echo(f"preview: {write_preview(dataset, preview)}")
@@ -241,9 +295,10 @@ def report_ingest_failures(report) -> None:
         typer.echo(f"ctsynth: error: case {failure['case']}: {failure['file']}: {failure['reason']}", err=True)
 
 
-def _run_ingest(kind: str, src: Path, out: Path, spacing: str, split: str, options, **extra) -> None:
+def _run_ingest(kind: str, src_text: str, out: str, spacing: str, split: str, options, **extra) -> None:
     from ctsynth_ray.pipelines.ingest import REPORT_NAME, ingest
 
+    src = local_input(src_text, "source folder", options.address)
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder", param_hint="SRC")
     report = ingest(kind, src, out, spacing_mm=parse_spacing(spacing), split_fractions=parse_split(split),
@@ -252,8 +307,8 @@ def _run_ingest(kind: str, src: Path, out: Path, spacing: str, split: str, optio
         typer.echo(f"note: {note}", err=True)
     report_ingest_failures(report)
     typer.echo(
-        f"ingested {len(report.ingested)} volume(s) into {out}; {len(report.failed)} failed; "
-        f"report: {out / REPORT_NAME}"
+        f"ingested {len(report.ingested)} volume(s) into {report.dataset}; {len(report.failed)} failed; "
+        f"report: {report.dataset / REPORT_NAME}"
     )
     if not report.ok:
         raise typer.Exit(1)
@@ -262,7 +317,7 @@ def _run_ingest(kind: str, src: Path, out: Path, spacing: str, split: str, optio
 @ingest_app.command("lidc")
 @user_errors
 def ingest_lidc(
-    src: Annotated[Path, typer.Argument(help="Folder tree of DICOM series and LIDC reader XML files.")],
+    src: Annotated[str, typer.Argument(help="Folder tree (or URI) of DICOM series and LIDC reader XML files.")],
     out: OutDataset,
     min_readers: Annotated[int, typer.Option(min=1, help="Keep nodules marked by at least this many readers.")] = 3,
     spacing: Annotated[str, typer.Option(help=SPACING_HELP)] = TARGET_SPACING,
@@ -278,7 +333,9 @@ def ingest_lidc(
 @ingest_app.command("nifti")
 @user_errors
 def ingest_nifti(
-    src: Annotated[Path, typer.Argument(help="Folder of image/mask NIfTI pairs (images/ + masks/, or X + X_mask).")],
+    src: Annotated[
+        str, typer.Argument(help="Folder (or URI) of image/mask NIfTI pairs (images/ + masks/, or X + X_mask).")
+    ],
     out: OutDataset,
     spacing: Annotated[str, typer.Option(help=SPACING_HELP)] = TARGET_SPACING,
     split: Annotated[str, typer.Option(help=SPLIT_HELP)] = "1,0,0",
@@ -296,8 +353,10 @@ app.add_typer(ingest_app, name="ingest", help="Ingest real CT: LIDC DICOM + read
 @app.command()
 @user_errors
 def prepare(
-    dataset: Path = typer.Argument(..., help="Dataset folder; its label maps are written into DATASET/labels/."),
-    out: Path = typer.Option(..., "--out", help="GAN training data folder to create."),
+    dataset_text: str = typer.Argument(
+        ..., metavar="DATASET", help="Dataset folder; label maps go to DATASET/labels/."
+    ),
+    out_text: str = typer.Option(..., "--out", help="GAN training data folder to create."),
     scheme: Scheme = typer.Option(Scheme.body, help="Label scheme: thesis (6 classes) or body (adds outside air)."),
     size: int = typer.Option(128, min=8, help="Crop size in voxels (nodule-centred cubes)."),
     dims: str = typer.Option("2,2.5,3", help="Which pairs to write: 2 (slices), 2.5 (stacks), 3 (crops)."),
@@ -316,6 +375,8 @@ def prepare(
     from ctsynth_ray.gan_data import parse_dims
     from ctsynth_ray.pipelines.prepare import prepare as run_prepare
 
+    # prepare writes into DATASET and records absolute paths that later commands follow: a filesystem, not a bucket
+    dataset, out = local_only(dataset_text, "prepare's DATASET"), local_only(out_text, "prepare's --out")
     try:
         kinds = parse_dims(dims)
     except ValueError as exc:
@@ -335,9 +396,9 @@ def prepare(
 @user_errors
 def synth_labels(
     n: int = typer.Option(..., "--n", min=1, help="Number of new label volumes."),
-    source: Path = typer.Option(..., "--source", help="Dataset with label maps (run `prepare` first)."),
-    out: Path = typer.Option(..., "--out", help="Dataset folder to create (labels + masks, no images)."),
-    bank: Path | None = typer.Option(None, help="Template bank (default: the one `prepare` saved for SOURCE)."),
+    source: str = typer.Option(..., "--source", help="Dataset (folder or URI) with label maps (run `prepare` first)."),
+    out: str = typer.Option(..., "--out", help="Dataset folder or URI to create (labels + masks, no images)."),
+    bank: str | None = typer.Option(None, help="Template bank (default: the one `prepare` saved for SOURCE)."),
     size: int = typer.Option(128, min=8, help="Cube size in voxels."),
     seed: Seed = 0,
     p_nodule: float = typer.Option(0.8, min=0.0, max=1.0, help="Probability of pasting a nodule template."),
@@ -352,11 +413,12 @@ def synth_labels(
     from ctsynth_ray.synth_labels import SynthLabelConfig
 
     config = SynthLabelConfig(size=size, p_nodule=p_nodule, lung_fraction=lung_fraction, augment=augment)
-    rows = run_synth_labels(source, out, n, config=config, bank=bank, seed=seed,
+    rows = run_synth_labels(local_input(source, "dataset", address), out, n, config=config, seed=seed,
+                            bank=local_input(bank, "template bank", address) if bank else None,
                             ray_options=ray_options(workers, address, overwrite))  # fmt: skip
     pasted = sum(r["inserted_nodule"] for r in rows)
     failed = sum(r["paste_failed"] for r in rows)
-    typer.echo(f"wrote {len(rows)} label volume(s) to {out}: {pasted} with a pasted nodule")
+    typer.echo(f"wrote {len(rows)} label volume(s) to {shown(out)}: {pasted} with a pasted nodule")
     if failed:
         typer.echo(f"note: {failed} volume(s) found no site with {lung_fraction:.0%} of the nodule on lung "
                    f"within the retry limit; they have no pasted nodule (column paste_failed)", err=True)  # fmt: skip
@@ -365,8 +427,8 @@ def synth_labels(
 @app.command("train-gan")
 @user_errors
 def train_gan(
-    gandata: Path = typer.Argument(..., help="GAN training data made by `ctsynth prepare`."),
-    out: Path = typer.Option(..., "--out", help="Run folder: generator.pt/.json, samples, checkpoints."),
+    gandata_text: str = typer.Argument(..., metavar="GANDATA", help="GAN training data made by `ctsynth prepare`."),
+    out_text: str = typer.Option(..., "--out", help="Run folder: generator.pt/.json, samples, checkpoints."),
     model: Model = typer.Option(
         Model.cyclegan, help="cyclegan (ResNet generator, unpaired) or pix2pix (U-Net, paired)."
     ),
@@ -401,6 +463,8 @@ def train_gan(
 
     if epochs + decay_epochs < 1:
         raise typer.BadParameter("--epochs plus --decay-epochs must be at least 1")
+    # Ray Train's workers write checkpoints into the run folder: a filesystem every node sees
+    gandata, out = local_only(gandata_text, "train-gan's GANDATA"), local_only(out_text, "train-gan's --out")
     config = GanConfig(model=model.value, epochs=epochs, decay_epochs=decay_epochs, batch=batch,
                        gan_mode=gan_mode.value if gan_mode else None, pool_size=pool_size,
                        lambda_identity=lambda_identity, generator_widths=parse_widths(widths, "--widths", 3),
@@ -420,16 +484,17 @@ def train_gan(
 @user_errors
 def generate(
     n: int = typer.Option(..., "--n", min=1, help="Number of volumes (volume i depends only on (seed, i))."),
-    model: Path = typer.Option(..., "--model", help="A finished train-gan run (RUN/generator.pt + generator.json)."),
-    out: Path = typer.Option(..., "--out", help="Dataset folder to create: images, masks, labels, manifest."),
-    source: Path | None = typer.Option(None, help="Dataset to cut label cubes from [default: the generator's]."),
-    bank: Path | None = typer.Option(None, help="Nodule template bank [default: the generator's GAN data bank]."),
+    model: str = typer.Option(..., "--model", help="A finished train-gan run (folder or URI: generator.pt + .json)."),
+    out: str = typer.Option(..., "--out", help="Dataset folder or URI (s3://, gs://, file://...) to create."),
+    source: str | None = typer.Option(None, help="Dataset to cut label cubes from [default: the generator's]."),
+    bank: str | None = typer.Option(None, help="Nodule template bank [default: the generator's GAN data bank]."),
     size: int | None = typer.Option(None, min=8, help="Cube size in voxels [default: the generator's]."),
     seed: Seed = 0,
     actors: int | None = typer.Option(None, min=1, help="Generator actors [default: one per GPU, else one per CPU]."),
     gpus_per_actor: float | None = typer.Option(None, min=0.0, help="GPUs per actor [default: 1 if there are GPUs]."),
     batch: int | None = typer.Option(None, min=1, help="Slices per pass (3D: volumes) [default: 512 GPU, 16 CPU]."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the generator (worth it on GPUs)."),
+    chunk: int = typer.Option(8, min=1, help="Volumes per label task and actor call (the unit of work and of redo)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run; finished volumes are kept."),
     audit: bool = typer.Option(False, "--audit", help="Audit the set at the end into OUT/audit (exit 1 on copies)."),
     audit_real: str | None = typer.Option(
@@ -442,28 +507,35 @@ def generate(
     from ctsynth_ray.pipelines.generate import GenerateOptions
     from ctsynth_ray.pipelines.generate import generate as run_generate
 
-    options = GenerateOptions(n=n, model=str(model), out=str(out), source=str(source) if source else None,
-                              bank=str(bank) if bank else None, size=size, seed=seed, actors=actors,
-                              gpus_per_actor=gpus_per_actor, batch=batch, compile=compile, resume=resume)  # fmt: skip
+    options = GenerateOptions(n=n, model=model, out=out, source=source, bank=bank, size=size, seed=seed, actors=actors,
+                              gpus_per_actor=gpus_per_actor, batch=batch, compile=compile, resume=resume,
+                              chunk=chunk)  # fmt: skip
     summary = run_generate(options, ray_options(address=address), echo=typer.echo)
     typer.echo(summary.format())
     if audit:
         from ctsynth_ray.pipelines.audit import AuditOptions, default_real, run_audit
+        from ctsynth_ray.storage import as_text, location
 
-        result = run_audit(AuditOptions(synthetic=str(out), real=audit_real or default_real(out), out=str(out / "audit"),
-                                        workers=max(1, os.cpu_count() or 1) if address is None else 1, address=address,
-                                        tracking_uri=tracking_uri or ""), echo=typer.echo)  # fmt: skip
+        synthetic, audit_target = local_input(out, "synthetic dataset"), as_text(location(out) / "audit")
+        with output(audit_target, replace=True, marker="audit.json") as audit_out:
+            result = run_audit(AuditOptions(synthetic=str(synthetic), real=local_spec(audit_real or default_real(synthetic)),
+                                            out=str(audit_out), workers=max(1, os.cpu_count() or 1) if address is None else 1,
+                                            address=address, tracking_uri=tracking_uri or ""), echo=typer.echo)  # fmt: skip
         typer.echo(result.format())
-        _exit_if_flagged(result)
+        _exit_if_flagged(result, audit_target)
 
 
 @app.command()
 @user_errors
 def audit(
-    synthetic: Path = typer.Argument(..., help="A synthetic dataset with provenance (ctsynth generate)."),
+    synthetic: str = typer.Argument(
+        ..., help="A synthetic dataset (folder or URI) with provenance (ctsynth generate)."
+    ),
     real: str = typer.Option(..., "--real", help="DATASET[:split] of real CT; the GAN should not have seen it."),
-    out: Path = typer.Option(..., "--out", help="Folder for audit.json, audit.html, figures (replaced if an audit)."),
-    gan_data: Path | None = typer.Option(None, help="The GAN's training data [default: the generator's]."),
+    out: str = typer.Option(
+        ..., "--out", help="Folder or URI for audit.json, audit.html, figures (replaced if an audit)."
+    ),
+    gan_data: str | None = typer.Option(None, help="The GAN's training data [default: the generator's]."),
     turing: int = typer.Option(0, min=0, help="Write turing.html: N real and N synthetic slices, blind."),
     json_output: bool = typer.Option(False, "--json", help="Print audit.json instead of the summary."),
     workers: Workers = 1,
@@ -479,22 +551,27 @@ def audit(
     from ctsynth_ray.pipelines.audit import AuditOptions, run_audit
 
     echo = (lambda line: typer.echo(line, err=True)) if json_output else typer.echo
-    options = AuditOptions(synthetic=str(synthetic), real=real, out=str(out), gan_data=str(gan_data) if gan_data else None,
-                           turing=turing, workers=workers, address=address, tracking_uri=tracking_uri or "",
-                           experiment=experiment, seed=seed)  # fmt: skip
-    result = run_audit(options, echo=echo)
+    with output(out, replace=True, marker="audit.json") as local:
+        options = AuditOptions(synthetic=str(local_input(synthetic, "synthetic dataset", address)),
+                               real=local_spec(real, address), out=str(local),
+                               gan_data=str(local_input(gan_data, "GAN data", address)) if gan_data else None,
+                               turing=turing, workers=workers, address=address, tracking_uri=tracking_uri or "",
+                               experiment=experiment, seed=seed)  # fmt: skip
+        result = run_audit(options, echo=echo)
     if json_output:
         typer.echo(json.dumps(result.report, indent=2, default=float))
     else:
         typer.echo(result.format())
-    _exit_if_flagged(result)
+    _exit_if_flagged(result, out)
 
 
-def _exit_if_flagged(result) -> None:
+def _exit_if_flagged(result, out: str) -> None:
     """Exit 1 with one line when the audit flagged a volume as a patient copy (a release gate)."""
+    from ctsynth_ray.storage import location
+
     if result.flagged:
         typer.echo(f"ctsynth: error: {len(result.flagged)} volume(s) flagged as patient copies: "
-                   f"{', '.join(result.flagged[:10])} (see {result.out / 'audit.html'})", err=True)  # fmt: skip
+                   f"{', '.join(result.flagged[:10])} (see {location(out) / 'audit.html'})", err=True)  # fmt: skip
         raise typer.Exit(1)
 
 
@@ -503,7 +580,7 @@ def _exit_if_flagged(result) -> None:
 def train_seg(
     train: list[str] = typer.Option(..., "--train", help="DATASET[:split][:n=N]; repeat to mix datasets."),
     val: str = typer.Option(..., "--val", help="DATASET[:split] of whole real volumes to evaluate on."),
-    out: Path = typer.Option(..., "--out", help="Run folder: model, pred/, metrics.csv, evals/."),
+    out_text: str = typer.Option(..., "--out", help="Run folder: model, pred/, metrics.csv, evals/."),
     iterations: int = typer.Option(1000, min=1, help="Optimiser steps (the thesis: 100,000)."),
     patch: int = typer.Option(96, min=8, help="Patch size in voxels."),
     samples_per_volume: int = typer.Option(8, min=1, help="Patches per volume and epoch."),
@@ -537,6 +614,8 @@ def train_seg(
             raise typer.BadParameter(str(exc)) from None
     if parse_spec(val).n is not None:
         raise typer.BadParameter("--val takes DATASET[:split]: every volume is evaluated, not :n=N")
+    out = local_only(out_text, "train-seg's --out")  # Ray Train's workers write checkpoints there
+    train, val = [local_spec(spec, address) for spec in train], local_spec(val, address)
     try:
         options = TrainSegOptions(
             train=tuple(train), val=val, run_dir=str(out), iterations=iterations, patch=patch,
@@ -555,9 +634,9 @@ def train_seg(
 @app.command()
 @user_errors
 def segment(
-    model_run: Path = typer.Argument(..., help="A finished train-seg run (RUN/model.pt + model.json)."),
+    model_run: str = typer.Argument(..., help="A finished train-seg run (folder or URI: model.pt + model.json)."),
     dataset: str = typer.Argument(..., help="DATASET[:split] of CT volumes to segment."),
-    out: Path = typer.Option(..., "--out", help="Folder to create: one <volume_id>.nii.gz mask per volume."),
+    out: str = typer.Option(..., "--out", help="Folder or URI to create: one <volume_id>.nii.gz mask per volume."),
     workers: Workers = 1,
     address: Address = None,
     overwrite: Overwrite = False,
@@ -572,11 +651,11 @@ def segment(
         raise typer.BadParameter(str(exc), param_hint="DATASET") from None
     if spec.n is not None:
         raise typer.BadParameter("takes DATASET[:split], not :n=N", param_hint="DATASET")
-    written = segment_dataset(model_run, spec.dataset, out, split=spec.split,
-                              ray_options=ray_options(workers, address, overwrite))  # fmt: skip
-    typer.echo(
-        f"segmented {len(written)} volume(s) into {out}; score them with: ctsynth score {out} {dataset} --out CSV"
-    )
+    written = segment_dataset(local_input(model_run, "train-seg run", address),
+                              parse_spec(local_spec(dataset, address)).dataset,
+                              out, split=spec.split, ray_options=ray_options(workers, address, overwrite))  # fmt: skip
+    typer.echo(f"segmented {len(written)} volume(s) into {shown(out)}; score them with: ctsynth score {shown(out)} "
+               f"{shown(dataset)} --out CSV")  # fmt: skip
 
 
 @app.command()
@@ -629,9 +708,9 @@ def compare(
 @user_errors
 def sweep(
     real: str = typer.Option(..., "--real", help="DATASET[:split] of real volumes (default split: train)."),
-    synthetic: Path = typer.Option(..., "--synthetic", help="A generated dataset (ctsynth generate)."),
+    synthetic: str = typer.Option(..., "--synthetic", help="A generated dataset (ctsynth generate)."),
     val: str = typer.Option(..., "--val", help="DATASET[:split] of real volumes every trial is scored on."),
-    out: Path = typer.Option(..., "--out", help="Sweep folder: plan, trials/, tune/, report/."),
+    out_text: str = typer.Option(..., "--out", help="Sweep folder: plan, trials/, tune/, report/."),
     preset: Preset = typer.Option(Preset.thesis, help="thesis: the four set-ups scaled; ratio: fixed total."),
     total: int | None = typer.Option(None, min=1, help="thesis: real set size (default all); ratio: the total."),
     fractions: str = typer.Option("0,0.25,0.5,0.75,0.9,1", help="ratio: synthetic fractions (0 always runs)."),
@@ -663,6 +742,9 @@ def sweep(
             raise typer.BadParameter(str(exc), param_hint=option) from None
         if parsed.n is not None:
             raise typer.BadParameter("takes DATASET[:split], not :n=N", param_hint=option)
+    out = local_only(out_text, "sweep's --out")  # Tune and Ray Train write trials and checkpoints there
+    real, val = local_spec(real, address), local_spec(val, address)
+    synthetic = local_input(synthetic, "synthetic dataset", address)
     fraction_values = parse_numbers(fractions, "--fractions", float)
     if min(fraction_values) < 0 or max(fraction_values) > 1:
         raise typer.BadParameter(f"--fractions must lie in [0, 1], got {fractions!r}")
@@ -740,6 +822,83 @@ def ui(
         raise CtsynthError(f"the MLflow server stopped with exit code {code} (its messages are above)")
 
 
+@app.command(context_settings={"allow_interspersed_args": False})
+@user_errors
+def submit(
+    command: list[str] = typer.Argument(..., metavar="-- COMMAND...", help="A ctsynth command and its arguments."),
+    address: str | None = typer.Option(
+        None, help="The cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else 127.0.0.1:8265)."
+    ),
+    gpus: float = typer.Option(0.0, min=0.0, help="GPUs for the command's own process (its Ray work takes its own)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's log and exit with its status."),
+    submission_id: str | None = typer.Option(None, help="The job's id (default: one Ray makes)."),
+) -> None:
+    """Run a ctsynth command as a Ray job; follow its log to the end.
+
+    ctsynth submit --address http://HEAD:8265 -- generate --n 10000 --model URI --out URI. Paths in COMMAND are read on the cluster: give shared-storage paths or URIs (s3://, gs://, file://).
+    """
+    from ctsynth_ray.pipelines.jobs import SubmitOptions
+    from ctsynth_ray.pipelines.jobs import submit as run_submit
+
+    options = SubmitOptions(command=tuple(command), address=address, gpus=gpus, wait=wait,
+                            submission_id=submission_id)  # fmt: skip
+    code = run_submit(options, echo=lambda line: typer.echo(line, err=True))
+    if code:
+        raise typer.Exit(code)
+
+
+jobs_app = typer.Typer(help="Ray jobs on a cluster: list, logs, stop.", no_args_is_help=True)
+JobsAddress = Annotated[
+    str | None, typer.Option(help="The cluster's dashboard (default: $RAY_API_SERVER_ADDRESS, else 127.0.0.1:8265).")
+]
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(address: JobsAddress = None) -> None:
+    """Every job of the cluster, newest first: id, status, start, command."""
+    from ctsynth_ray.pipelines.jobs import JobsClient, job_rows
+
+    for line in job_rows(JobsClient(address)) or ["no jobs"]:
+        typer.echo(line)
+
+
+@jobs_app.command("logs")
+@user_errors
+def jobs_logs(
+    job_id: str = typer.Argument(..., metavar="ID", help="Submission id (ctsynth jobs list)."),
+    follow: bool = typer.Option(False, "--follow", help="Keep printing until the job ends; exit with its status."),
+    address: JobsAddress = None,
+) -> None:
+    """A job's log."""
+    from ctsynth_ray.pipelines.jobs import JobsClient
+    from ctsynth_ray.pipelines.jobs import follow as follow_job
+
+    client = JobsClient(address)
+    if follow:
+        code = follow_job(client, job_id, echo=lambda line: typer.echo(line, err=True))
+        if code:
+            raise typer.Exit(code)
+        return
+    typer.echo(client.logs(job_id), nl=False)
+
+
+@jobs_app.command("stop")
+@user_errors
+def jobs_stop(
+    job_id: str = typer.Argument(..., metavar="ID", help="Submission id (ctsynth jobs list)."),
+    address: JobsAddress = None,
+) -> None:
+    """Stop a running job."""
+    from ctsynth_ray.pipelines.jobs import JobsClient
+
+    running = JobsClient(address).stop(job_id)
+    typer.echo(f"job {job_id}: {'stop requested' if running else 'had already ended'}")
+
+
+app.add_typer(jobs_app, name="jobs", help="Ray jobs on a cluster: list, logs ID, stop ID.")
+
+
 @app.command()
 @user_errors
 def demo(
@@ -750,6 +909,9 @@ def demo(
     gan_steps: int = typer.Option(80, min=1, help="GAN training steps."),
     seg_iterations: int = typer.Option(80, min=1, help="U-Net training iterations per run."),
     tracking_uri: TrackingUri = None,
+    address: str | None = typer.Option(
+        None, help="A Ray cluster for the chain (default: a local Ray on 127.0.0.1); OUT must be shared with it."
+    ),
     verbose: Verbose = False,
 ) -> None:
     """Run the whole chain on built-in phantoms; list every output."""
@@ -760,7 +922,8 @@ def demo(
 
     options = DemoOptions(out=out, n=n, generated=generated, workers=workers, gan_steps=gan_steps,
                           seg_iterations=seg_iterations,
-                          tracking_uri=tracking_uri or default_tracking_uri(), verbose=verbose)  # fmt: skip
+                          tracking_uri=tracking_uri or default_tracking_uri(), verbose=verbose,
+                          address=address)  # fmt: skip
     outputs, seconds = run_demo(options, echo=typer.echo)
     typer.echo(f"\ndemo finished in {seconds:.0f} s. Outputs:")
     for name, path in outputs:

@@ -33,6 +33,7 @@ from isal import igzip
 from scipy import ndimage
 
 from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.storage import Remote, location, remote_dataset
 
 MANIFEST_NAME = "manifest.parquet"
 #: What ``prepare`` last did with a dataset: its GAN data, template bank and the volumes that trained the GAN.
@@ -119,37 +120,49 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     seconds spent encoding and compressing (``compression``) and writing (``write``).
     """
     started = time.perf_counter()
-    path = Path(path)
+    path = location(path)
     # NIfTI stores Fortran order: a C-ordered array would be transposed chunk by chunk on the way out.
     image = nib.Nifti1Image(np.asfortranarray(array), np.asarray(affine, float))
     image.header.set_data_dtype(array.dtype)
     image.header.set_xyzt_units("mm")
     image.set_qform(np.asarray(affine, float), code=1)
     image.set_sform(np.asarray(affine, float), code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_sibling(path)
-    try:
-        data = image.to_bytes()
-        if path.name.endswith(".gz"):
-            # ISA-L's gzip (standard gzip output) at level 1 writes ~2.5x faster than zlib's level 1.
-            data = igzip.compress(data, compresslevel=1, mtime=0)  # no time stamp: the same volume, the same bytes
-        encoded = time.perf_counter()
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    data = image.to_bytes()
+    if path.name.endswith(".gz"):
+        # ISA-L's gzip (standard gzip output) at level 1 writes ~2.5x faster than zlib's level 1.
+        data = igzip.compress(data, compresslevel=1, mtime=0)  # no time stamp: the same volume, the same bytes
+    encoded = time.perf_counter()
+    write_bytes(path, data)
     if timings is not None:
         timings["compression"] = timings.get("compression", 0.0) + encoded - started
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - encoded
 
 
-def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def write_bytes(path: Path | Remote, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole: a temp name then a rename locally, one object on an object store."""
+    if isinstance(path, Remote):
+        path.write_bytes(data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_sibling(path)
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def read_nifti(path: str | os.PathLike | Remote) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file as (array in its on-disk dtype, 4x4 affine). Raises CtsynthError if unreadable."""
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise CtsynthError(f"{path}: file not found")
     try:
-        image = nib.load(path)
+        if isinstance(path, Remote):
+            data = path.read_bytes()
+            image = nib.Nifti1Image.from_bytes(igzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+        else:
+            image = nib.load(path)
         array = np.asarray(image.dataobj)
     except Exception as exc:  # nibabel raises many types for damaged files
         raise CtsynthError(f"{path}: not a readable NIfTI file ({exc})") from None
@@ -158,8 +171,13 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return array, np.asarray(image.affine, float)
 
 
-def write_parquet(path: Path, table: pa.Table) -> None:
+def write_parquet(path: Path | Remote, table: pa.Table) -> None:
     """Write a Parquet file atomically (creating its folder)."""
+    if isinstance(path, Remote):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path.write_bytes(sink.getvalue().to_pybytes())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_sibling(path)
     try:
@@ -234,7 +252,7 @@ def write_volume(root: str | os.PathLike, volume: Volume, split: str, source: st
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    root = Path(root)
+    root = location(root)
     vid = volume.volume_id
     row: dict = {"volume_id": vid, "image": None, "mask": f"masks/{vid}.nii.gz", "label": None}
     if volume.hu is not None:
@@ -297,14 +315,14 @@ def write_manifest(root: str | os.PathLike, rows: Sequence[dict]) -> Path:
     duplicates = sorted({v for v in ids if ids.count(v) > 1})
     if duplicates:
         raise CtsynthError(f"{root}: duplicate volume_id {duplicates[0]!r}")
-    path = Path(root) / MANIFEST_NAME
+    path = location(root) / MANIFEST_NAME
     write_parquet(path, manifest_table(rows))
     return path
 
 
 def dataset_fingerprint(root: str | os.PathLike) -> str:
     """A short hash of ``root``'s manifest: it changes whenever a volume, a split or a label map changes."""
-    path = Path(root) / MANIFEST_NAME
+    path = location(root) / MANIFEST_NAME
     if not path.is_file():
         raise CtsynthError(f"{path}: no manifest (is {root} a ctsynth dataset?)")
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -312,20 +330,14 @@ def dataset_fingerprint(root: str | os.PathLike) -> str:
 
 def write_json(path: str | os.PathLike, value) -> Path:
     """Write ``value`` as indented JSON, atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_sibling(path)
-    try:
-        temp.write_text(json.dumps(value, indent=2, default=str))
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    path = location(path)
+    write_bytes(path, json.dumps(value, indent=2, default=str).encode())
     return path
 
 
 def read_prepare_record(root: str | os.PathLike) -> dict | None:
     """``root/prepare.json`` (written by ``ctsynth prepare``), or None when the dataset was never prepared."""
-    path = Path(root) / PREPARE_RECORD
+    path = location(root) / PREPARE_RECORD
     if not path.is_file():
         return None
     try:
@@ -336,11 +348,11 @@ def read_prepare_record(root: str | os.PathLike) -> dict | None:
 
 def read_manifest(root: str | os.PathLike) -> list[dict]:
     """Read ``root/manifest.parquet`` as a list of row dicts. Raises CtsynthError naming the problem."""
-    path = Path(root) / MANIFEST_NAME
+    path = location(root) / MANIFEST_NAME
     if not path.is_file():
         raise CtsynthError(f"{path}: no manifest (is {root} a ctsynth dataset?)")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(path.read_bytes()) if isinstance(path, Remote) else path)
     except Exception as exc:
         raise CtsynthError(f"{path}: not a readable Parquet file ({exc})") from None
     missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
@@ -351,7 +363,7 @@ def read_manifest(root: str | os.PathLike) -> list[dict]:
 
 def load_volume(root: str | os.PathLike, row: dict, *, with_image: bool = True) -> Volume:
     """Load one manifest row's arrays (image only when asked and present)."""
-    root = Path(root)
+    root = location(root)
     mask, affine = read_nifti(root / row["mask"])
     hu = read_nifti(root / row["image"])[0] if with_image and row.get("image") else None
     label = read_nifti(root / row["label"])[0] if row.get("label") else None
@@ -360,14 +372,23 @@ def load_volume(root: str | os.PathLike, row: dict, *, with_image: bool = True) 
 
 @contextlib.contextmanager
 def staged_dataset(
-    out: str | os.PathLike, *, overwrite: bool = False, subfolders: Sequence[str] = ("images", "masks", "labels")
-) -> Iterator[Path]:
+    out: str | os.PathLike | Remote,
+    *,
+    overwrite: bool = False,
+    subfolders: Sequence[str] = ("images", "masks", "labels"),
+) -> Iterator[Path | Remote]:
     """Build a new dataset (or any output folder) in a staging folder beside ``out``; rename it to ``out`` on
     success. Empty ``subfolders`` are removed before the rename.
 
     On any exception the staging folder is removed and ``out`` is untouched. An existing non-empty
-    ``out`` is an error unless ``overwrite``.
+    ``out`` is an error unless ``overwrite``. On an object store (no rename) the prefix itself is written to and
+    the manifest, written last by the block, commits it (``storage.remote_dataset``). Pass
+    ``storage.as_text(stage)`` to Ray tasks.
     """
+    if isinstance(location(out), Remote):
+        with remote_dataset(location(out), overwrite=overwrite) as stage:
+            yield stage
+        return
     out = Path(out).resolve()  # absolute: Ray workers may run in another working directory
     if out.exists() and not out.is_dir():
         raise CtsynthError(f"{out}: exists and is not a folder")

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from torch import nn
 from ctsynth_ray.dataset import Volume, write_json, write_volume
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import Tissue, encode_labels_tensor, n_classes, network_to_hu_tensor
+from ctsynth_ray.storage import Remote, local_copy, location
 from ctsynth_ray.synth_labels import make_label_volume, synthetic_volume_id
 
 PROGRESS = ".progress"  # finished volumes' manifest rows, until the manifest is written
@@ -181,7 +183,7 @@ class VolumeWriter:
     """Writes generated volumes into ``root`` (the dataset layout) and marks each finished."""
 
     def __init__(self, root: str | os.PathLike, seed: int, extra: dict):
-        self.root = Path(root)
+        self.root = location(root)
         self.seed = seed
         self.extra = extra  # columns every row gets (the generator's fingerprint and run)
 
@@ -198,17 +200,36 @@ class VolumeWriter:
         return row, StageTimes(compression=times.get("compression", 0.0), write=times["write"])
 
 
+#: Progress rows read at once from an object store (the end of a run reads one per volume).
+REMOTE_READERS = 32
+
+
 def finished_rows(root: str | os.PathLike) -> dict[int, dict]:
     """{synth_index: manifest row} of the volumes finished under ``root`` (progress rows whose files exist)."""
-    root = Path(root)
+    root = location(root)
     rows = {}
-    for path in sorted((root / PROGRESS).glob("*.json")) if (root / PROGRESS).is_dir() else []:
+    progress = root / PROGRESS
+    if isinstance(root, Remote):  # one listing, not three requests per volume
+        stored = {rel for rel, _, _ in root.files()}
+        paths = [root / p for p in sorted(stored) if p.startswith(f"{PROGRESS}/") and p.endswith(".json")]
+    else:
+        stored = None
+        paths = sorted(progress.glob("*.json")) if progress.is_dir() else []
+
+    def exists(rel: str) -> bool:
+        return rel in stored if stored is not None else (root / rel).is_file()
+
+    def read(path) -> dict | None:
         try:
-            row = json.loads(path.read_text())
+            return json.loads(path.read_text())
         except ValueError:
-            continue  # cannot happen with atomic writes; treat as unfinished
-        if all((root / row[c]).is_file() for c in ("image", "mask", "label")):
-            rows[int(row["synth_index"])] = row
+            return None  # cannot happen with atomic writes; treat as unfinished
+
+    # An object store answers each read in tens of milliseconds: many at once, not one after another.
+    with ThreadPoolExecutor(max_workers=REMOTE_READERS if stored is not None else 1) as pool:
+        for row in pool.map(read, paths):
+            if row is not None and all(exists(row[c]) for c in ("image", "mask", "label")):
+                rows[int(row["synth_index"])] = row
     return rows
 
 
@@ -222,16 +243,14 @@ class VolumeMaker:
     16 on a CPU; for 3D generators 2 volumes on a GPU, 1 on a CPU.
     """
 
-    def __init__(self, model: str, out: str, seed: int, batch: int | None, compile: bool, threads: int, extra: dict,
-                 bf16: bool | None = None):  # fmt: skip
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, model: str | os.PathLike | Remote, out: str | os.PathLike | Remote, seed: int,
+                 batch: int | None, compile: bool, threads: int, extra: dict, bf16: bool | None = None):  # fmt: skip
         from ctsynth_ray.models.registry import load_generator
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(threads)
-        generator, info = load_generator(model, device)
+        generator, info = load_generator(local_copy(model, "generator run"), device)
         if batch is None:  # a GPU wants large batches; on a CPU, batches beyond the cache are slower
             batch = (
                 (GPU_BATCH if device == "cuda" else CPU_BATCH)

@@ -22,6 +22,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from ctsynth_ray.dataset import SPLITS, crop_cube, load_volume, read_manifest, r
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import AIR_HU, hu_to_network
 from ctsynth_ray.models.networks import conv, conv_transpose, instance_norm
+from ctsynth_ray.storage import location
 
 
 class UNet(nn.Module):
@@ -98,8 +100,9 @@ class TrainSpec:
 
 def parse_spec(text: str) -> TrainSpec:
     """``DATASET[:split][:n=N]`` -> TrainSpec; ValueError saying what is wrong."""
-    parts = text.split(":")
-    dataset, rest = parts[0], parts[1:]
+    dataset, rest = split_spec(text)
+    if ":" in (urlsplit(dataset).path if "://" in dataset else dataset):  # a URI's host:port is fine, a path's ":" not
+        raise ValueError(f"{text!r}: expected DATASET[:split][:n=N] with split one of {', '.join(SPLITS)}")
     split = n = None
     for part in rest:
         if re.fullmatch(r"n=\d+", part):
@@ -115,10 +118,20 @@ def parse_spec(text: str) -> TrainSpec:
     return TrainSpec(Path(dataset), split, n)
 
 
+def split_spec(text: str) -> tuple[str, list[str]]:
+    """(DATASET, [split and n=N parts]) of a spec: the parts are taken from the right, so a URI's own colons
+    (``s3://``, ``host:port``) stay with the dataset."""
+    parts = text.split(":")
+    tail: list[str] = []
+    while len(parts) > 1 and (parts[-1] in SPLITS or re.fullmatch(r"n=\d+", parts[-1])):
+        tail.insert(0, parts.pop())
+    return ":".join(parts), tail
+
+
 def absolute_spec(text: str) -> str:
     """The same spec with its dataset path made absolute."""
-    dataset, _, rest = text.partition(":")
-    return str(Path(dataset).resolve()) + (f":{rest}" if rest else "")
+    dataset, rest = split_spec(text)
+    return ":".join([str(Path(dataset).resolve()), *rest])
 
 
 def draw_order(rows: list[dict], seed: int) -> list[dict]:
@@ -196,10 +209,12 @@ def gan_training_volumes(train: list[tuple[Path, dict]]) -> dict[str, str]:
     found: dict[str, str] = {}
     generators = {row["generator"] for _, row in train if row.get("source") == "synthetic" and row.get("generator")}
     for generator in sorted(generators):
-        try:
-            gan_data = Path(json.loads((Path(generator) / "generator.json").read_text())["training_data"]["path"])
+        try:  # folders or object-store URIs, as recorded
+            gan_data = location(
+                json.loads((location(generator) / "generator.json").read_text())["training_data"]["path"]
+            )
             volumes = json.loads((gan_data / "gan_data.json").read_text())["volumes"]["train"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, CtsynthError):
             continue  # a generator moved or made elsewhere: its training data are not on this machine
         found.update(dict.fromkeys(volumes, f"GAN data {gan_data}"))
     for dataset in {dataset for dataset, _ in train}:

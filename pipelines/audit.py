@@ -46,6 +46,7 @@ from ctsynth_ray.errors import CtsynthError, CtsynthWarning
 from ctsynth_ray.labels import Tissue, label_map
 from ctsynth_ray.pipelines.runtime import RayOptions, ensure_ray, parallel_map
 from ctsynth_ray.segmentation import name_list, parse_spec
+from ctsynth_ray.storage import local_copy, location
 
 PROVENANCE = ("source_volume_id", "cube_origin_x", "cube_origin_y", "cube_origin_z")
 SPACING_TOLERANCE_MM = 1e-3
@@ -151,8 +152,9 @@ def _read_json(path: Path, key: str | None = None):
 
 
 def _source_dataset(synthetic: Path, real: Path) -> Path:
+    """The dataset ``generate`` cut the label cubes from (a local copy when it was an object-store URI)."""
     run = synthetic / "generate.json"
-    return Path(_read_json(run, "source")) if run.is_file() else real
+    return local_copy(_read_json(run, "source"), "source dataset") if run.is_file() else real
 
 
 def _gan_data(options: AuditOptions, synthetic: Path) -> Path | None:
@@ -162,11 +164,12 @@ def _gan_data(options: AuditOptions, synthetic: Path) -> Path | None:
             raise CtsynthError(f"{path}: no gan_data.json (is it GAN data made by `ctsynth prepare`?)")
         return path
     run = synthetic / "generate.json"
-    generator = Path(_read_json(run).get("generator") or "") / "generator.json" if run.is_file() else None
+    recorded = _read_json(run).get("generator") if run.is_file() else None
+    generator = location(recorded) / "generator.json" if recorded else None  # a folder or an object-store URI
     if generator and generator.is_file():
-        path = Path((_read_json(generator).get("training_data") or {}).get("path") or "")
-        if (path / "gan_data.json").is_file():
-            return path.resolve()
+        path = (json.loads(generator.read_text()).get("training_data") or {}).get("path")
+        if path and (location(path) / "gan_data.json").is_file():
+            return local_copy(path, "GAN data")
     return None
 
 
@@ -244,7 +247,7 @@ def load_training_crops(gan_data: Path, size: int, grid: int) -> TrainingCrops:
                 f"{v}#{c}" for v, c in zip(table.column("volume_id").to_pylist(), table.column("crop").to_pylist())
             ]
     else:
-        source = Path(description["source_dataset"])
+        source = local_copy(description["source_dataset"], "source dataset")
         rows = {r["volume_id"]: r for r in read_manifest(source)}
         air = Tissue.OUTSIDE_AIR if description["scheme"] == "body" else Tissue.OTHER
         cut = []

@@ -30,6 +30,7 @@ class DemoOptions:
     sweep_total: int = 2
     tracking_uri: str = ""
     verbose: bool = False
+    address: str | None = None  # a Ray cluster for every step but the last (which starts its own); None: local
 
     def __post_init__(self):
         if self.n < 8:
@@ -69,9 +70,10 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
 
     started = time.monotonic()
     out, workers = Path(options.out), options.workers
-    parallel = RayOptions(workers=workers, overwrite=True)
+    address = options.address
+    parallel = RayOptions(workers=workers, address=address, overwrite=True)
     outputs: list[tuple[str, Path]] = []
-    total = 11
+    total = 12
 
     def step(k: int, text: str) -> None:
         echo(f"\n[{k}/{total}] {text}  ({time.monotonic() - started:.0f} s)")
@@ -124,7 +126,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
                                   checkpoint_every=max(options.gan_steps // 2, 1), workers=workers,
                                   tracking_uri=options.tracking_uri, experiment="ctsynth-demo", log_every=25)  # fmt: skip
     config = GanConfig(model="pix2pix", batch=4, epochs=100, decay_epochs=100, unet_width=16)
-    metrics = train_gan(gan_options, config, verbose=options.verbose).metrics
+    metrics = train_gan(gan_options, config, address=address, verbose=options.verbose).metrics
     echo(
         f"validation: MAE {metrics.get('val_mae_hu', float('nan')):.0f} HU, SSIM {metrics.get('val_ssim', float('nan')):.2f}"
     )
@@ -137,7 +139,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     synthetic = out / "synthetic"
     shutil.rmtree(synthetic, ignore_errors=True)
     summary = generate(GenerateOptions(n=options.generated, model=str(gan_run), out=str(synthetic), actors=workers,
-                                       gpus_per_actor=0, chunk=2), RayOptions(workers=workers), echo=echo)  # fmt: skip
+                                       gpus_per_actor=0, chunk=2), RayOptions(workers=workers, address=address),
+                       echo=echo)  # fmt: skip
     echo(summary.format())
     _checked(synthetic, echo)
     outputs += [("generated CT dataset", synthetic),
@@ -151,7 +154,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     from ctsynth_ray.pipelines.audit import AuditOptions, run_audit
 
     audited = run_audit(AuditOptions(synthetic=str(synthetic), real=f"{phantoms}:test", out=str(out / "audit"),
-                                     turing=4, workers=workers, tracking_uri=options.tracking_uri,
+                                     turing=4, workers=workers, address=address, tracking_uri=options.tracking_uri,
                                      experiment="ctsynth-demo", progress=True), echo=echo)  # fmt: skip
     echo(audited.format())
     outputs += [("audit (JSON)", audited.files["json"]), ("audit (HTML)", audited.files["html"]),
@@ -164,7 +167,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
                                   iterations=options.seg_iterations, patch=32, batch=4, features=(8, 16, 32), lr=1e-3,
                                   eval_every=options.seg_iterations, workers=1, cpus_per_worker=workers,
                                   tracking_uri=options.tracking_uri, experiment="ctsynth-demo")  # fmt: skip
-    seg_metrics = train_seg(seg_options, verbose=options.verbose).metrics
+    seg_metrics = train_seg(seg_options, address=address, verbose=options.verbose).metrics
     echo(f"real-only: validation Dice {seg_metrics.get('val_dice', float('nan')):.3f}")
     outputs += [("U-Net real-only model", seg_run / "model.pt"), ("U-Net real-only scores", seg_run / "metrics.csv")]
 
@@ -185,7 +188,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
                                    seeds=1, iterations=max(1, options.seg_iterations // 2), max_concurrent=3,
                                    tracking_uri=options.tracking_uri,
                                    experiment="ctsynth-demo-sweep", patch=32, batch=4, features=(4, 8, 16), lr=1e-3),
-                      verbose=options.verbose, echo=echo)  # fmt: skip
+                      address=address, verbose=options.verbose, echo=echo)  # fmt: skip
     echo(sweep.format())
     if sweep.failed:
         raise CtsynthError("the demo sweep had failed trials:\n" + "\n".join(sweep.failed))
@@ -195,4 +198,33 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
                                    read_scores_csv(trials / "synthetic-50%-seed0" / "metrics.csv"))))  # fmt: skip
     outputs += [("sweep (trials, Tune state)", sweep_dir), ("sweep report", sweep.report["report"]),
                 ("sweep report, one HTML page", sweep.report["html"])]  # fmt: skip
+
+    step(12, "submit: `generate` as a Ray job on a Ray cluster of its own (`ray start`, token authentication, "
+             "127.0.0.1 only), its output through a file:// URI")  # fmt: skip
+    job_out = (out / "synthetic-by-job").resolve()
+    shutil.rmtree(job_out, ignore_errors=True)
+    _submitted_generate(gan_run.resolve(), job_out, workers, echo)
+    outputs += [("generated by a Ray job", job_out)]
     return outputs, time.monotonic() - started
+
+
+def _submitted_generate(model: Path, out: Path, workers: int, echo) -> None:
+    """``ctsynth submit -- generate --n 2`` onto a fresh one-node cluster, as a user would type it (a process of its
+    own, the cluster's token in its environment), then ``ctsynth jobs list``; the cluster is stopped after."""
+    import subprocess
+    import sys
+
+    from ctsynth_ray.pipelines.loopback_cluster import LoopbackCluster
+
+    ctsynth = [sys.executable, "-m", "ctsynth_ray.cli.main"]
+    with LoopbackCluster(node_cpus=(workers,)) as cluster:
+        echo(f"cluster: {cluster.address}, dashboard and Jobs API {cluster.dashboard}")
+        for command in (["submit", "--address", cluster.dashboard, "--", "generate", "--n", "2", "--chunk", "1",
+                         "--model", str(model), "--out", f"file://{out}"],
+                        ["jobs", "list", "--address", cluster.dashboard]):  # fmt: skip
+            done = subprocess.run([*ctsynth, *command], env=cluster.env(), capture_output=True, text=True)
+            for line in (done.stdout + done.stderr).splitlines():
+                if line.strip() and "%|" not in line:  # the job's progress bars, redrawn, are noise here
+                    echo(line)
+            if done.returncode:
+                raise CtsynthError(f"ctsynth {command[0]} on the demo's cluster failed (exit {done.returncode})")

@@ -16,7 +16,9 @@ How the work flows (one driver, CPU label tasks, generator actors):
    renamed; its manifest row is written last (``SYNTH/.progress/<volume_id>.json``). The manifest is built from
    what is on disk at the end. A dead actor is replaced (a few times at most) and the volumes of its unfinished
    calls are redone; ``--resume`` skips finished volumes. Temporary files of killed writers are removed before
-   the manifest is written. SYNTH and the source must be on a filesystem every node sees.
+   the manifest is written. SYNTH is a folder every node sees (a shared filesystem, ``file://`` on a mount) or an
+   object-store URI (``s3://``...) that every actor writes to directly, one whole object per file, the manifest
+   last (``ctsynth_ray.storage``). The model and the source may be URIs too: each node reads a local copy.
 
 Why a plain actor pool and not Ray Data's ``map_batches``: the run must name its files by (seed, i) and redo
 exactly the volumes a dead actor did not finish (Ray Data's writers add a UUID to each file name, and a dead
@@ -51,6 +53,7 @@ from ctsynth_ray.generation import (
 )
 from ctsynth_ray.pipelines.runtime import RayOptions, ensure_ray
 from ctsynth_ray.pipelines.synth_labels import resolve_bank
+from ctsynth_ray.storage import Remote, local_copy, resolved
 from ctsynth_ray.synth_labels import SynthLabelConfig, check_sources
 
 RUN_FILE = "generate.json"
@@ -120,35 +123,40 @@ class GenerateSummary:
 # ------------------------------------------------------------------------------------------ remote work
 
 
-def _label_task(source: str, fingerprint: str, seed: int, indices: list[int], bank, config: SynthLabelConfig):
+def _label_task(source: Path | Remote, fingerprint: str, seed: int, indices: list[int], bank, config: SynthLabelConfig):
     """The label maps of ``indices`` (all cut from one planned source): (items, seconds)."""
     from ctsynth_ray.generation import label_items
     from ctsynth_ray.pipelines.synth_labels import source_cache
 
-    return label_items(seed, indices, source_cache(source, fingerprint, config.size, SOURCE_CACHE_BYTES), bank, config)
+    local = str(local_copy(source, "source dataset"))  # an object-store source: this node's copy
+    return label_items(seed, indices, source_cache(local, fingerprint, config.size, SOURCE_CACHE_BYTES), bank, config)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def _resolve_inputs(options: GenerateOptions, info: dict) -> tuple[Path, Path | None]:
-    """The source dataset and template bank: given, or those the generator was trained from."""
+def _resolve_inputs(options: GenerateOptions, info: dict) -> tuple[Path | Remote, Path, Path | None, str | None]:
+    """The source dataset (as given, and this node's local copy) and template bank (this node's copy, and how the
+    run records it: as given): given, or those the generator was trained from."""
     training = info.get("training_data", {})
-    source = Path(options.source or training.get("source_dataset") or "")
     if not options.source and not training.get("source_dataset"):
         raise CtsynthError(f"{options.model}: generator.json names no source dataset: pass --source")
+    source = resolved(options.source or training.get("source_dataset"))
     if not (source / MANIFEST_NAME).is_file():
         raise CtsynthError(f"{source}: no manifest (pass --source DATASET, the dataset with the label maps)")
+    local = local_copy(source, "source dataset")
     if options.p_nodule == 0:
-        return source.resolve(), None
+        return source, local, None, None
     trained_with = training.get("bank")
     if not options.bank and trained_with and Path(trained_with).is_file():
-        return source.resolve(), Path(trained_with).resolve()
+        return source, local, Path(trained_with).resolve(), str(Path(trained_with).resolve())
     # --bank, else what prepare last saved for the source: the same rules and errors as synth-labels
-    return source.resolve(), resolve_bank(source.resolve(), Path(options.bank) if options.bank else None)
+    bank = local_copy(options.bank, "template bank") if options.bank else None
+    bank_path = resolve_bank(local, bank)
+    return source, local, bank_path, str(resolved(options.bank)) if options.bank else str(bank_path)
 
 
-def _finished_before(out: Path, settings: dict, resume: bool) -> dict[int, dict]:
+def _finished_before(out: Path | Remote, settings: dict, resume: bool) -> dict[int, dict]:
     """Check that SYNTH may take this run (new, or the same run resumed) and return the volumes already finished
     {index: row}; writes nothing."""
     run_file = out / RUN_FILE
@@ -160,7 +168,7 @@ def _finished_before(out: Path, settings: dict, resume: bool) -> dict[int, dict]
         if changed:
             raise CtsynthError(f"{out}: was made with other settings ({', '.join(changed)} differ): --resume continues "
                                f"the same run only")  # fmt: skip
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(True for _ in out.iterdir()):
         raise CtsynthError(f"{out}: already exists and is not empty (pass --resume to continue it, or another --out)")
     done = finished_rows(out)
     if (out / MANIFEST_NAME).is_file():  # a finished run: its manifest says what it holds
@@ -170,13 +178,17 @@ def _finished_before(out: Path, settings: dict, resume: bool) -> dict[int, dict]
     return done
 
 
-def _remove_temporary_files(out: Path) -> None:
+def _remove_temporary_files(out: Path | Remote) -> None:
+    if isinstance(out, Remote):  # an object store writes whole objects: no temporary names to clean
+        return
     for sub in ("images", "masks", "labels", PROGRESS):
         for temp in (out / sub).glob(".*.tmp.*") if (out / sub).is_dir() else []:
             temp.unlink(missing_ok=True)
 
 
-def _check_disk(out: Path, todo: int, size: int) -> None:
+def _check_disk(out: Path | Remote, todo: int, size: int) -> None:
+    if isinstance(out, Remote):  # an object store has no free space to ask about
+        return
     needed = todo * size**3 * BYTES_PER_VOXEL
     existing = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(existing).free
@@ -191,11 +203,12 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
     from ctsynth_ray.nodule_bank import load_bank
 
     started = time.monotonic()
-    model, out = Path(options.model).resolve(), Path(options.out).resolve()
-    _, info = load_generator(model)
-    source, bank_path = _resolve_inputs(options, info)
+    model, out = resolved(options.model), resolved(options.out)
+    local_model = local_copy(model, "generator run")
+    _, info = load_generator(local_model)
+    source, local_source, bank_path, bank_record = _resolve_inputs(options, info)
     size = options.size or int(info["size"])
-    rows = check_sources(source, size)
+    rows = check_sources(local_source, size)
     schemes = sorted({r.get("label_scheme") or "thesis" for r in rows})
     if len(schemes) > 1:
         raise CtsynthError(f"{source}: the train split mixes label schemes ({', '.join(schemes)}): run prepare again")
@@ -203,10 +216,10 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
     config = SynthLabelConfig(size=size, p_nodule=options.p_nodule, lung_fraction=options.lung_fraction,
                               augment=options.augment)  # fmt: skip
     bank = load_bank(bank_path) if bank_path else []
-    fingerprint = generator_fingerprint(model)
-    source_fingerprint = dataset_fingerprint(source)
+    fingerprint = generator_fingerprint(local_model)
+    source_fingerprint = dataset_fingerprint(local_source)
     settings = {"generator": str(model), "generator_fingerprint": fingerprint, "source": str(source),
-                "source_fingerprint": source_fingerprint, "bank": str(bank_path) if bank_path else None,
+                "source_fingerprint": source_fingerprint, "bank": bank_record,
                 "size": size, "seed": options.seed, "n": options.n, "p_nodule": options.p_nodule,
                 "lung_fraction": options.lung_fraction, "augment": options.augment}  # fmt: skip
     done = _finished_before(out, settings, options.resume)
@@ -220,7 +233,8 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
         import ray
 
         ensure_ray(ray_options.address)
-        shape = _pool_shape(options, ray.cluster_resources())
+        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        shape = _pool_shape(options, ray.cluster_resources(), [c for c in node_cpus if c > 0])
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_FILE, settings)
     _remove_temporary_files(out)  # left by writers killed in an earlier run
@@ -238,7 +252,10 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
         )
     final = [done[i] for i in range(options.n)]
     write_manifest(out, final)
-    shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    if isinstance(out, Remote):
+        (out / PROGRESS).rmtree()
+    else:
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)
     summary.with_nodule = sum(r["n_nodules"] > 0 for r in final)
     summary.pasted = sum(bool(r["inserted_nodule"]) for r in final)
     summary.paste_failed = sum(bool(r["paste_failed"]) for r in final)
@@ -250,9 +267,9 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
 class _Work:
     """What the pool makes: the generator, output, source (and its train volumes), bank, label settings."""
 
-    model: Path
-    out: Path
-    source: Path
+    model: Path | Remote
+    out: Path | Remote
+    source: Path | Remote
     source_fingerprint: str
     n_sources: int
     bank: list
@@ -261,9 +278,11 @@ class _Work:
     todo: list[int]
 
 
-def _pool_shape(options: GenerateOptions, cluster: dict) -> tuple[int, float, float, float, int]:
+def _pool_shape(options: GenerateOptions, cluster: dict, node_cpus: list[float] | None = None
+                ) -> tuple[int, float, float, float, int]:  # fmt: skip
     """(actors, GPUs per actor, CPUs per actor, CPUs per label task, threads per actor): one clear line when the
-    actors asked for cannot all run on the cluster."""
+    actors asked for cannot all run on the cluster. ``node_cpus`` (CPUs per node) keeps a label task small enough
+    for what actors spread over the nodes leave on one of them."""
     gpus = cluster.get("GPU", 0.0)
     per_actor = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     cpus = cluster.get("CPU", 1.0)
@@ -278,6 +297,9 @@ def _pool_shape(options: GenerateOptions, cluster: dict) -> tuple[int, float, fl
         raise CtsynthError(f"{actors} generator actor(s) do not fit the Ray cluster's {cpus:g} CPU(s) with room for "
                            f"the label tasks: pass fewer --actors")  # fmt: skip
     label_cpus = min(1.0, cpus - actors * actor_cpus)
+    if node_cpus and len(node_cpus) > 1:  # e.g. two 1-CPU nodes with an actor each: 0.25 CPU left on each
+        per_node = -(-actors // len(node_cpus))
+        label_cpus = min(label_cpus, max(max(node_cpus) - per_node * actor_cpus, 0.1))
     return actors, per_actor, actor_cpus, label_cpus, max(1, int(actor_cpus))
 
 
@@ -321,7 +343,7 @@ def _run_pool(options: GenerateOptions, ray_options: RayOptions, work: _Work, sh
         nonlocal spawned
         spawned += 1
         return actor_class.options(name=f"ctsynth-generator-{token}-{spawned}").remote(
-            str(work.model), str(work.out), options.seed, options.batch, options.compile, threads, extra
+            work.model, work.out, options.seed, options.batch, options.compile, threads, extra
         )
 
     echo(f"generate: {len(work.todo)} volume(s) of {work.config.size}^3 from {work.n_sources} source volume(s) in "
@@ -335,7 +357,7 @@ def _run_pool(options: GenerateOptions, ray_options: RayOptions, work: _Work, sh
         while chunks or labels or ready or calls:
             while chunks and len(labels) + len(ready) < window:
                 chunk = chunks.popleft()
-                task = label_task.remote(str(work.source), work.source_fingerprint, options.seed, chunk, bank_ref,
+                task = label_task.remote(work.source, work.source_fingerprint, options.seed, chunk, bank_ref,
                                          work.config)  # fmt: skip
                 labels[task] = chunk
             while ready:

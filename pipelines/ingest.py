@@ -16,6 +16,7 @@ from ctsynth_ray.ingest.cases import (
     split_for,
 )
 from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
+from ctsynth_ray.storage import Remote, as_text, location
 
 REPORT_NAME = "ingest_report.json"
 
@@ -24,7 +25,7 @@ REPORT_NAME = "ingest_report.json"
 class IngestReport:
     """What an ingest did: ingested volume ids, failures {case, file, reason}, notes."""
 
-    dataset: Path
+    dataset: Path | Remote
     ingested: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -69,16 +70,17 @@ def ingest(
         cases, problems = find_nifti_cases(src)
     else:
         raise ValueError(f"kind must be 'lidc' or 'nifti', got {kind!r}")
-    report = IngestReport(dataset=Path(out), failed=list(problems))
+    report = IngestReport(dataset=location(out), failed=list(problems))
     with staged_dataset(out, overwrite=ray_options.overwrite) as stage:
         if kind == "lidc":
             task = _lidc_task
             arguments = [
-                (str(stage), c, tuple(spacing_mm), min_readers, split_for(c.volume_id, split_fractions)) for c in cases
+                (as_text(stage), c, tuple(spacing_mm), min_readers, split_for(c.volume_id, split_fractions))
+                for c in cases
             ]
         else:
             task = _nifti_task
-            arguments = [(str(stage), c, tuple(spacing_mm), split_for(c.volume_id, split_fractions)) for c in cases]
+            arguments = [(as_text(stage), c, tuple(spacing_mm), split_for(c.volume_id, split_fractions)) for c in cases]
         results = parallel_map(task, arguments, ray_options, description=f"ingest {kind}")
         rows = []
         for result in results:

@@ -31,8 +31,22 @@ class RayOptions:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
 
     @property
+    def cluster(self) -> str | None:
+        """The cluster to use: ``address``, else the one a Ray job runs in."""
+        return self.address or job_cluster()
+
+    @property
     def uses_ray(self) -> bool:
-        return self.workers > 1 or self.address is not None
+        return self.workers > 1 or self.cluster is not None
+
+
+def job_cluster() -> str | None:
+    """Inside a Ray job (``ctsynth submit``), the job's cluster: Ray sets ``RAY_ADDRESS`` for the job's command and
+    marks it with its job config. Elsewhere None: a ``RAY_ADDRESS`` in a user's shell (often the dashboard's URL,
+    for Ray's own job CLI) does not send ctsynth's local work to a cluster."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return None
 
 
 #: Environment for processes that log to MLflow (the driver, and Ray workers through their runtime env).
@@ -75,7 +89,8 @@ def quiet_worker_logs() -> None:
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None,
                verbose: bool = False) -> None:  # fmt: skip
-    """Connect to Ray once per process: ``address`` when given, else start a loopback-only local instance.
+    """Connect to Ray once per process: ``address`` when given (or, inside a Ray job, the job's cluster), else
+    start a loopback-only local instance.
 
     An instance this process already joined is reused (tests share one). The loopback defaults were set
     when ``ctsynth_ray.pipelines`` was imported. Ray's start-up messages show only when ``verbose``.
@@ -87,6 +102,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     if ray.is_initialized():
         return
     level = logging.INFO if verbose else logging.WARNING
+    address = address or job_cluster()
     if address:
         ray.init(address=address, logging_level=level)
         return
@@ -124,7 +140,7 @@ def parallel_map(
                 results.append(fn(*args))
                 bar.update()
             return results
-        address = ray_options.address
+        address = ray_options.cluster
         ensure_ray(address, num_cpus=None if address else ray_options.workers)
         import ray
 

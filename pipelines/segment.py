@@ -14,6 +14,7 @@ from ctsynth_ray.dataset import load_volume, read_manifest, staged_dataset, writ
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import HU_SCALE
 from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
+from ctsynth_ray.storage import as_text, location
 
 SPACING_TOLERANCE = 0.05  # relative: a volume on another grid than the model's training data is refused
 
@@ -34,7 +35,7 @@ def _segment_task(model_run: str, dataset: str, row: dict, out: str) -> str:
     model, info = _MODELS[model_run]
     volume = load_volume(dataset, row)
     pred = segment(model, hu_to_network(volume.hu), info["patch"], device)
-    write_nifti(Path(out) / f"{row['volume_id']}.nii.gz", pred, volume.affine)
+    write_nifti(location(out) / f"{row['volume_id']}.nii.gz", pred, volume.affine)
     return row["volume_id"]
 
 
@@ -64,5 +65,5 @@ def segment_dataset(model_run: Path, dataset: Path, out: Path, *, split: str | N
     if problems:
         raise CtsynthError("\n".join(problems))
     with staged_dataset(out, overwrite=ray_options.overwrite, subfolders=()) as stage:
-        arguments = [(str(model_run), str(dataset), row, str(stage)) for row in rows]
+        arguments = [(str(model_run), str(dataset), row, as_text(stage)) for row in rows]
         return parallel_map(_segment_task, arguments, ray_options, description="segment")

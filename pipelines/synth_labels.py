@@ -9,6 +9,7 @@ from ctsynth_ray.dataset import dataset_fingerprint, read_prepare_record, staged
 from ctsynth_ray.errors import CtsynthError, CtsynthWarning
 from ctsynth_ray.nodule_bank import load_bank
 from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
+from ctsynth_ray.storage import as_text
 from ctsynth_ray.synth_labels import (
     SourceCache,
     SynthLabelConfig,
@@ -75,7 +76,7 @@ def synth_labels(
     fingerprint = dataset_fingerprint(source)
     chunks = plan_chunks(seed, range(n), n_sources, chunk)
     with staged_dataset(out, overwrite=ray_options.overwrite, subfolders=("masks", "labels")) as stage:
-        arguments = [(str(stage), str(source), fingerprint, seed, c, templates, config) for c in chunks]
+        arguments = [(as_text(stage), str(source), fingerprint, seed, c, templates, config) for c in chunks]
         results = parallel_map(_chunk_task, arguments, ray_options, description="label volumes", unit="chunk")
         rows = sorted((row for chunk_rows in results for row in chunk_rows), key=lambda row: row["synth_index"])
         write_manifest(stage, rows)

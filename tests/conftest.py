@@ -13,6 +13,11 @@ from ctsynth_ray.pipelines.runtime import RayOptions
 
 QUIET = RayOptions(progress=False)
 
+# Set before any Ray starts, so its workers inherit them: object-store clients never ask a cloud metadata server
+# (no traffic off loopback), and copies of object-store inputs go to a folder of this session, not ~/.cache.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("CTSYNTH_CACHE", tempfile.mkdtemp(prefix="ctsynth-cache-", dir="/tmp"))
+
 REPO = Path(__file__).resolve().parents[1]
 
 

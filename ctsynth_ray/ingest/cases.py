@@ -20,6 +20,7 @@ from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.ingest.dicom import DicomError, SeriesFiles, find_series, read_series, safe_id, volume_ids
 from ctsynth_ray.ingest.lidc_xml import LidcReading, consensus_masks, group_annotations, parse_lidc_xml, rasterise
 from ctsynth_ray.resample import clean_hu, resample_linear, resample_mask, target_shape
+from ctsynth_ray.storage import location
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MASK_SUFFIXES = ("_mask", "_seg", "_label")
@@ -166,7 +167,7 @@ def _rescaled_affine(affine: np.ndarray, spacing_mm: Sequence[float]) -> np.ndar
 
 def _remove_case_files(root, volume_id: str) -> None:
     for sub in ("images", "masks", "labels"):
-        (Path(root) / sub / f"{volume_id}.nii.gz").unlink(missing_ok=True)
+        (location(root) / sub / f"{volume_id}.nii.gz").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- NIfTI

@@ -73,8 +73,8 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "8", "--generated", "3", "--workers",
                                  "2", "--gan-steps", "4", "--seg-iterations", "2", "--tracking-uri", uri])  # fmt: skip
     assert result.exit_code == 0, result.output
-    for k in range(1, 12):
-        assert result.output.count(f"[{k}/11]") == 1
+    for k in range(1, 13):
+        assert result.output.count(f"[{k}/12]") == 1
     assert "compare real-only (baseline) with the half-synthetic set" in result.output and "t-test p" in result.output
     demo = (tmp_path / "demo").resolve()
     for output in ("phantoms", "phantoms-preview.png", "lidc-style", "ingested", "ingested/ingest_report.json",
@@ -82,7 +82,8 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
                    "synthetic-labels", "synthetic-labels-preview.png", "gan-run/generator.pt", "gan-run/generator.json",
                    "synthetic", "synthetic-preview.png", "seg-real-only/model.pt", "seg-real-only/metrics.csv",
                    "segment-test", "segment-test.csv", "sweep", "sweep/report/report.md",
-                   "sweep/report/report.html", "audit/audit.json", "audit/audit.html", "audit/turing.html"):  # fmt: skip
+                   "sweep/report/report.html", "audit/audit.json", "audit/audit.html", "audit/turing.html",
+                   "synthetic-by-job"):  # fmt: skip
         assert str(demo / output) in result.output
         assert (demo / output).exists()
     assert len(read_manifest(demo / "ingested")) == 2
@@ -98,6 +99,9 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
     assert set(read_scores_csv(demo / "sweep" / "trials" / "synthetic-50%-seed0" / "metrics.csv")) == val
     assert "ctsynth: warning" not in result.output  # the mixed set's real part never trained the GAN
     assert "sweep: 3 of 3 trial(s) finished" in result.output and f"ctsynth ui --tracking-uri {uri}" in result.output
+    # the last step: generate submitted as a Ray job to a cluster of the demo's own, written through a file:// URI
+    assert len(read_manifest(demo / "synthetic-by-job")) == 2
+    assert re.search(r"job raysubmit_\w+ SUCCEEDED", result.output) and "generate --n 2" in result.output
 
 
 def test_ingest_lidc_reports_failed_cases_and_exits_1(test_data, tmp_path):
@@ -235,7 +239,7 @@ def test_help_names_every_command_on_one_line(monkeypatch):
     panel = [line for line in result.output[result.output.index("Commands") :].splitlines() if line.startswith("│")]
     names = [line.strip("│ ").split()[0] for line in panel]
     expected = {"phantom", "inspect", "ingest", "prepare", "synth-labels", "train-gan", "generate", "train-seg", "segment",
-                "score", "compare", "sweep", "report", "ui", "audit", "demo"}  # fmt: skip
+                "score", "compare", "sweep", "report", "ui", "audit", "submit", "jobs", "demo"}  # fmt: skip
     assert set(names) == expected and len(panel) == len(expected)  # no wrapped second lines
 
 
