@@ -413,7 +413,7 @@ def synth_labels(
     from ctsynth_ray.synth_labels import SynthLabelConfig
 
     config = SynthLabelConfig(size=size, p_nodule=p_nodule, lung_fraction=lung_fraction, augment=augment)
-    rows = run_synth_labels(local_input(source, "dataset", address), out, n, config=config, seed=seed,
+    rows = run_synth_labels(source, out, n, config=config, seed=seed,
                             bank=local_input(bank, "template bank", address) if bank else None,
                             ray_options=ray_options(workers, address, overwrite))  # fmt: skip
     pasted = sum(r["inserted_nodule"] for r in rows)
@@ -643,7 +643,7 @@ def segment(
 ) -> None:
     """Segment nodules in CT volumes with a trained U-Net."""
     from ctsynth_ray.pipelines.segment import segment_dataset
-    from ctsynth_ray.segmentation import parse_spec
+    from ctsynth_ray.segmentation import parse_spec, split_spec
 
     try:
         spec = parse_spec(dataset)
@@ -651,9 +651,8 @@ def segment(
         raise typer.BadParameter(str(exc), param_hint="DATASET") from None
     if spec.n is not None:
         raise typer.BadParameter("takes DATASET[:split], not :n=N", param_hint="DATASET")
-    written = segment_dataset(local_input(model_run, "train-seg run", address),
-                              parse_spec(local_spec(dataset, address)).dataset,
-                              out, split=spec.split, ray_options=ray_options(workers, address, overwrite))  # fmt: skip
+    written = segment_dataset(model_run, split_spec(dataset)[0], out, split=spec.split,
+                              ray_options=ray_options(workers, address, overwrite))  # fmt: skip
     typer.echo(f"segmented {len(written)} volume(s) into {shown(out)}; score them with: ctsynth score {shown(out)} "
                f"{shown(dataset)} --out CSV")  # fmt: skip
 

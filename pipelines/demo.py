@@ -219,11 +219,12 @@ def _submitted_generate(model: Path, out: Path, workers: int, echo) -> None:
     ctsynth = [sys.executable, "-m", "ctsynth_ray.cli.main"]
     with LoopbackCluster(node_cpus=(workers,)) as cluster:
         echo(f"cluster: {cluster.address}, dashboard and Jobs API {cluster.dashboard}")
-        for command in (["submit", "--address", cluster.dashboard, "--", "generate", "--n", "2", "--chunk", "1",
-                         "--model", str(model), "--out", f"file://{out}"],
+        for command in (["submit", "--address", cluster.dashboard, "--", "generate", "--n", "2", "--actors", "1",
+                         "--chunk", "2", "--model", str(model), "--out", f"file://{out}"],
                         ["jobs", "list", "--address", cluster.dashboard]):  # fmt: skip
-            done = subprocess.run([*ctsynth, *command], env=cluster.env(), capture_output=True, text=True)
-            for line in (done.stdout + done.stderr).splitlines():
+            done = subprocess.run([*ctsynth, *command], env=cluster.env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            for line in done.stdout.splitlines():
                 if line.strip() and "%|" not in line:  # the job's progress bars, redrawn, are noise here
                     echo(line)
             if done.returncode:

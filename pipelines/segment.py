@@ -14,7 +14,7 @@ from ctsynth_ray.dataset import load_volume, read_manifest, staged_dataset, writ
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import HU_SCALE
 from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
-from ctsynth_ray.storage import as_text, location
+from ctsynth_ray.storage import as_text, local_copy, location, resolved
 
 SPACING_TOLERANCE = 0.05  # relative: a volume on another grid than the model's training data is refused
 
@@ -30,24 +30,24 @@ def _segment_task(model_run: str, dataset: str, row: dict, out: str) -> str:
     from ctsynth_ray.segmentation import segment
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if model_run not in _MODELS:
-        _MODELS[model_run] = load_segmenter(model_run, device)
+    if model_run not in _MODELS:  # an object-store run: this node's copy
+        _MODELS[model_run] = load_segmenter(local_copy(model_run, "train-seg run"), device)
     model, info = _MODELS[model_run]
-    volume = load_volume(dataset, row)
+    volume = load_volume(dataset, row)  # a folder or an object-store URI, read where the task runs
     pred = segment(model, hu_to_network(volume.hu), info["patch"], device)
     write_nifti(location(out) / f"{row['volume_id']}.nii.gz", pred, volume.affine)
     return row["volume_id"]
 
 
-def segment_dataset(model_run: Path, dataset: Path, out: Path, *, split: str | None = None,
+def segment_dataset(model_run: Path | str, dataset: Path | str, out: Path | str, *, split: str | None = None,
                     ray_options: RayOptions = RayOptions()) -> list[str]:  # fmt: skip
     """Segment every volume with an image of ``dataset`` (of ``split`` when given) with the U-Net of
     ``model_run``; returns the volume ids written. CtsynthError, one line per volume, for volumes whose voxel
     size differs from the model's training data."""
     from ctsynth_ray.models.registry import load_segmenter
 
-    model_run, dataset = Path(model_run).resolve(), Path(dataset).resolve()
-    _, info = load_segmenter(model_run)  # a clear error before any work
+    model_run, dataset = resolved(model_run), resolved(dataset)  # folders or object-store URIs
+    _, info = load_segmenter(local_copy(model_run, "train-seg run"))  # a clear error before any work
     scale = info.get("hu_normalisation", {}).get("scale")
     if scale != HU_SCALE:
         raise CtsynthError(f"{model_run / 'model.json'}: trained on CT scaled by 1/{scale}, ctsynth scales by "
@@ -65,5 +65,5 @@ def segment_dataset(model_run: Path, dataset: Path, out: Path, *, split: str | N
     if problems:
         raise CtsynthError("\n".join(problems))
     with staged_dataset(out, overwrite=ray_options.overwrite, subfolders=()) as stage:
-        arguments = [(str(model_run), str(dataset), row, as_text(stage)) for row in rows]
+        arguments = [(as_text(model_run), as_text(dataset), row, as_text(stage)) for row in rows]
         return parallel_map(_segment_task, arguments, ray_options, description="segment")

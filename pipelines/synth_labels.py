@@ -9,7 +9,7 @@ from ctsynth_ray.dataset import dataset_fingerprint, read_prepare_record, staged
 from ctsynth_ray.errors import CtsynthError, CtsynthWarning
 from ctsynth_ray.nodule_bank import load_bank
 from ctsynth_ray.pipelines.runtime import RayOptions, parallel_map
-from ctsynth_ray.storage import as_text
+from ctsynth_ray.storage import as_text, local_copy, resolved
 from ctsynth_ray.synth_labels import (
     SourceCache,
     SynthLabelConfig,
@@ -34,7 +34,8 @@ def source_cache(source: str, fingerprint: str, size: int, max_bytes: int = 4 <<
 
 def _chunk_task(out: str, source: str, fingerprint: str, seed: int, indices: list[int], bank,
                 config: SynthLabelConfig) -> list[dict]:  # fmt: skip
-    return write_label_volumes(out, source, seed, indices, bank, config, source_cache(source, fingerprint, config.size))
+    local = str(local_copy(source, "source dataset"))  # an object-store source: this node's copy
+    return write_label_volumes(out, local, seed, indices, bank, config, source_cache(local, fingerprint, config.size))
 
 
 def resolve_bank(source: Path, bank: Path | None) -> Path:
@@ -56,8 +57,8 @@ def resolve_bank(source: Path, bank: Path | None) -> Path:
 
 
 def synth_labels(
-    source: Path,
-    out: Path,
+    source: Path | str,
+    out: Path | str,
     n: int,
     *,
     config: SynthLabelConfig = SynthLabelConfig(),
@@ -67,16 +68,18 @@ def synth_labels(
     chunk: int = 16,
 ) -> list[dict]:
     """Write ``n`` label volumes to ``out``, pasting templates of ``bank`` (default: the bank ``prepare`` saved
-    for ``source``); returns the manifest rows. Volume i depends only on (seed, i)."""
+    for ``source``); returns the manifest rows. Volume i depends only on (seed, i). ``source`` and ``out`` may be
+    object-store URIs: each task reads its node's copy of the source and writes straight to ``out``."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    source = Path(source).resolve()  # Ray workers may run in another working directory
+    given = resolved(source)  # absolute: Ray workers may run in another working directory
+    source = local_copy(given, "source dataset")
     n_sources = len(check_sources(source, config.size))
     templates = load_bank(resolve_bank(source, bank)) if config.p_nodule > 0 else []
     fingerprint = dataset_fingerprint(source)
     chunks = plan_chunks(seed, range(n), n_sources, chunk)
     with staged_dataset(out, overwrite=ray_options.overwrite, subfolders=("masks", "labels")) as stage:
-        arguments = [(as_text(stage), str(source), fingerprint, seed, c, templates, config) for c in chunks]
+        arguments = [(as_text(stage), as_text(given), fingerprint, seed, c, templates, config) for c in chunks]
         results = parallel_map(_chunk_task, arguments, ray_options, description="label volumes", unit="chunk")
         rows = sorted((row for chunk_rows in results for row in chunk_rows), key=lambda row: row["synth_index"])
         write_manifest(stage, rows)

@@ -126,3 +126,28 @@ def test_audit_never_replaces_a_prefix_that_holds_something_else(bucket):
     done = runner.invoke(app, ["audit", uri, "--real", uri, "--out", uri])
     assert done.exit_code == 1 and "holds no audit.json" in done.output
     assert stored(uri) == ["manifest.parquet"]
+
+
+def test_synth_labels_and_segment_read_and_write_a_bucket_from_ray_tasks(bucket, gan_data, tmp_path, ray_session):
+    from ctsynth_ray.storage import upload
+
+    dataset = gan_data.parent / "ds"
+    upload(dataset, Remote(bucket("ds")))
+    made = runner.invoke(app, ["synth-labels", "--n", "4", "--size", "32", "--source", bucket("ds"), "--out",
+                               bucket("labels"), "--workers", "2"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    rows = read_manifest(Remote(bucket("labels")))
+    assert sorted(stored(bucket("labels"))) == sorted(
+        ["manifest.parquet", *(r[c] for r in rows for c in ("mask", "label"))]
+    )
+    train = ["train-seg", "--train", f"{dataset}:train", "--val", f"{dataset}:test", "--out", str(tmp_path / "run"),
+             "--iterations", "2", "--patch", "32", "--batch", "2", "--features", "4,8,16", "--eval-every", "2",
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    assert runner.invoke(app, train).exit_code == 0
+    upload(tmp_path / "run", Remote(bucket("seg-run")))
+    done = runner.invoke(app, ["segment", bucket("seg-run"), f"{bucket('ds')}:test", "--out", bucket("pred"),
+                               "--workers", "2"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    test_ids = sorted(r["volume_id"] for r in read_manifest(dataset) if r["split"] == "test")
+    assert stored(bucket("pred")) == [f"{v}.nii.gz" for v in test_ids]
+    assert "test:test@" not in done.output  # the URI's key is masked in what the command prints
