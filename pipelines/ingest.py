@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctsynth_ray.dataset import TARGET_SPACING_MM, staged_dataset, write_manifest
+from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.ingest.cases import (
     find_lidc_cases,
     find_nifti_cases,
@@ -70,6 +71,9 @@ def ingest(
         cases, problems = find_nifti_cases(src)
     else:
         raise ValueError(f"kind must be 'lidc' or 'nifti', got {kind!r}")
+    if not cases and not problems:  # nothing found at all: an error, not an empty dataset
+        what = "DICOM series" if kind == "lidc" else "image/mask NIfTI pairs (images/ + masks/, or X + X_mask)"
+        raise CtsynthError(f"{src}: no {what} found: nothing to ingest")
     report = IngestReport(dataset=location(out), failed=list(problems))
     with staged_dataset(out, overwrite=ray_options.overwrite) as stage:
         if kind == "lidc":

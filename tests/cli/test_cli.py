@@ -113,6 +113,16 @@ def test_ingest_lidc_reports_failed_cases_and_exits_1(test_data, tmp_path):
     assert (out / "ingest_report.json").is_file() and not list(out.rglob("*.nii.gz"))
 
 
+@pytest.mark.parametrize("kind", ["lidc", "nifti"])
+def test_ingest_of_a_folder_with_nothing_to_ingest_is_an_error(kind, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("no scans here")
+    result = runner.invoke(app, ["ingest", kind, str(tmp_path / "src"), "--out", str(tmp_path / "ds")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert f"ctsynth: error: {tmp_path / 'src'}: no " in result.output and "nothing to ingest" in result.output
+    assert not (tmp_path / "ds").exists()
+
+
 def test_ingest_lidc_of_exported_phantoms_on_two_ray_workers(tmp_path, ray_session, small_phantom_config):
     from ctsynth_ray.ingest.export import export_lidc_case
     from ctsynth_ray.phantom import make_phantom
