@@ -19,7 +19,6 @@ options; S3-compatible stores take ``?endpoint_override=host:port&scheme=http`` 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import hashlib
 import os
@@ -40,14 +39,6 @@ COMMIT_LAST = ("manifest.parquet",)
 
 def cache_root() -> Path:
     return Path(os.environ.get("CTSYNTH_CACHE") or DEFAULT_CACHE)
-
-
-def is_remote(text: str | os.PathLike | Remote) -> bool:
-    """True for a URI of an object store or other non-local filesystem (not ``file://``)."""
-    if isinstance(text, Remote):
-        return True
-    scheme = urlsplit(str(text)).scheme if "://" in str(text) else ""
-    return bool(scheme) and scheme != "file"
 
 
 def location(text: str | os.PathLike | Remote) -> Path | Remote:
@@ -102,6 +93,12 @@ def as_text(where: Path | Remote | str) -> str:
     return where.uri if isinstance(where, Remote) else str(where)
 
 
+def _file_type():
+    import pyarrow.fs
+
+    return pyarrow.fs.FileType
+
+
 def _first_line(exc: BaseException) -> str:
     lines = masked(str(exc)).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -154,9 +151,6 @@ class Remote:
     def parent(self) -> Remote:
         return Remote(self.root, self.rel.rsplit("/", 1)[0] if "/" in self.rel else "")
 
-    def resolve(self) -> Remote:
-        return self
-
     @property
     def fs(self):
         return _filesystem(self.root)[0]
@@ -177,28 +171,14 @@ class Remote:
             raise CtsynthError(f"{self}: cannot be reached ({_first_line(exc)})") from None
 
     def exists(self) -> bool:
-        import pyarrow.fs
-
-        return self._info().type != pyarrow.fs.FileType.NotFound
+        return self._info().type != _file_type().NotFound
 
     def is_file(self) -> bool:
-        import pyarrow.fs
-
-        return self._info().type == pyarrow.fs.FileType.File
-
-    def is_dir(self) -> bool:
-        import pyarrow.fs
-
-        # object stores have no folders: a prefix with objects under it is one
-        return self._info().type == pyarrow.fs.FileType.Directory or any(True for _ in self.iterdir())
+        return self._info().type == _file_type().File
 
     def iterdir(self) -> Iterator[Remote]:
         for info in self._list(recursive=False):
             yield self / info.path[len(self.path) + 1 :]
-
-    def glob(self, pattern: str) -> Iterator[Remote]:
-        """Entries of this folder whose names match ``pattern`` (one level, as ``Path.glob`` with no ``/``)."""
-        return (entry for entry in self.iterdir() if fnmatch.fnmatchcase(entry.name, pattern))
 
     def files(self) -> list[tuple[str, int, str]]:
         """Every file below this folder: (relative path, size, modification time), sorted."""
@@ -242,10 +222,6 @@ class Remote:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
-    def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
-        with contextlib.suppress(Exception):  # object stores: nothing to make (pyarrow makes a marker at most)
-            self.fs.create_dir(self.path, recursive=True)
-
     def unlink(self, missing_ok: bool = False) -> None:
         try:
             self.fs.delete_file(self.path)
@@ -256,10 +232,11 @@ class Remote:
             raise CtsynthError(f"{self}: cannot be deleted ({_first_line(exc)})") from None
 
     def rmtree(self) -> None:
+        """Delete everything under this prefix; a prefix with nothing under it is already gone."""
         try:
             self.fs.delete_dir(self.path)
         except FileNotFoundError:
-            pass
+            return
         except Exception as exc:
             raise CtsynthError(f"{self}: cannot be deleted ({_first_line(exc)})") from None
 
@@ -267,15 +244,31 @@ class Remote:
 # -------------------------------------------------------------------------------- whole folders
 
 
-def local_copy(text: str | os.PathLike | Remote, what: str = "folder") -> Path:
+#: This process' copies of versioned inputs: {(URI, version): local path} (see :func:`local_copy`).
+_COPIES: dict[tuple[str, str], Path] = {}
+
+
+def local_copy(text: str | os.PathLike | Remote, what: str = "folder", version: str | None = None) -> Path:
     """A local path for ``text``: itself when local; for an object-store folder (or file), a copy in this node's
     cache, downloaded once per content (its listing's sizes and times key the copy) and renamed into place whole,
-    so concurrent tasks on a node never read half a copy."""
+    so concurrent tasks on a node never read half a copy. ``version`` (e.g. a dataset's manifest fingerprint, which
+    changes with its content): a process asks the store for that version's listing once, not at every call (a
+    generation worker calls this for every chunk)."""
     where = resolved(text)
     if isinstance(where, Path):
         return where
-    if where.is_file():
-        listing = [("", where._info().size, str(where._info().mtime))]
+    if version is not None and (where.uri, version) in _COPIES:
+        return _COPIES[(where.uri, version)]
+    target = _copied(where, what)
+    if version is not None:
+        _COPIES[(where.uri, version)] = target
+    return target
+
+
+def _copied(where: Remote, what: str) -> Path:
+    info = where._info()
+    if info.type == _file_type().File:
+        listing = [("", info.size, str(info.mtime))]
         files = [""]
     else:
         listing = where.files()

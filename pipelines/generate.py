@@ -128,7 +128,7 @@ def _label_task(source: Path | Remote, fingerprint: str, seed: int, indices: lis
     from ctsynth_ray.generation import label_items
     from ctsynth_ray.pipelines.synth_labels import source_cache
 
-    local = str(local_copy(source, "source dataset"))  # an object-store source: this node's copy
+    local = str(local_copy(source, "source dataset", fingerprint))  # an object-store source: this node's copy
     return label_items(seed, indices, source_cache(local, fingerprint, config.size, SOURCE_CACHE_BYTES), bank, config)
 
 
@@ -235,7 +235,8 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
         ensure_ray(ray_options.address)
         node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
         shape = _pool_shape(options, ray.cluster_resources(), [c for c in node_cpus if c > 0])
-    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(out, Path):  # an object store has no folders to make
+        out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_FILE, settings)
     _remove_temporary_files(out)  # left by writers killed in an earlier run
     todo = [i for i in range(options.n) if i not in done]

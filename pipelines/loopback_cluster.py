@@ -117,12 +117,10 @@ class LoopbackCluster:
                                          headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(request, timeout=5) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                pass
+            # not listening yet, or its modules still starting: try again
+            with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=5) as answer:
+                if answer.status == 200:
+                    return
             time.sleep(0.5)
         raise CtsynthError(f"{self.dashboard}: the Ray dashboard did not answer within {timeout:.0f} s (its log: "
                            f"{self.root}/ray/session_latest/logs/dashboard.log)")  # fmt: skip

@@ -34,7 +34,7 @@ def source_cache(source: str, fingerprint: str, size: int, max_bytes: int = 4 <<
 
 def _chunk_task(out: str, source: str, fingerprint: str, seed: int, indices: list[int], bank,
                 config: SynthLabelConfig) -> list[dict]:  # fmt: skip
-    local = str(local_copy(source, "source dataset"))  # an object-store source: this node's copy
+    local = str(local_copy(source, "source dataset", fingerprint))  # an object-store source: this node's copy
     return write_label_volumes(out, local, seed, indices, bank, config, source_cache(local, fingerprint, config.size))
 
 

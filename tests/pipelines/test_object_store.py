@@ -116,8 +116,8 @@ def test_a_failed_build_leaves_nothing_and_a_bucket_root_is_refused(bucket):
         raise RuntimeError("a task failed")
     assert stored(uri) == []
     root = bucket("").split("?")[0].rstrip("/") + "?" + bucket("").split("?", 1)[1]
-    with pytest.raises(CtsynthError, match="a whole bucket"), staged_dataset(root):
-        pass
+    with pytest.raises(CtsynthError, match="a whole bucket"):
+        staged_dataset(root).__enter__()
 
 
 def test_audit_never_replaces_a_prefix_that_holds_something_else(bucket):
@@ -151,3 +151,16 @@ def test_synth_labels_and_segment_read_and_write_a_bucket_from_ray_tasks(bucket,
     test_ids = sorted(r["volume_id"] for r in read_manifest(dataset) if r["split"] == "test")
     assert stored(bucket("pred")) == [f"{v}.nii.gz" for v in test_ids]
     assert "test:test@" not in done.output  # the URI's key is masked in what the command prints
+
+
+def test_a_versioned_copy_asks_the_store_once_per_process(bucket, monkeypatch):
+    from ctsynth_ray import storage
+
+    uri = bucket("versioned/source.bin")
+    Remote(uri).write_bytes(b"v1")
+    first = local_copy(uri, version="fingerprint-1")
+    monkeypatch.setattr(storage, "_copied", lambda where, what: pytest.fail("listed the store again"))
+    assert local_copy(uri, version="fingerprint-1") == first  # every later chunk of a run: no request at all
+    monkeypatch.undo()
+    Remote(uri).write_bytes(b"v2, another version")
+    assert local_copy(uri, version="fingerprint-2").read_bytes() == b"v2, another version"
