@@ -169,6 +169,11 @@ Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
 Seed = Annotated[int, typer.Option(min=0, help="Run seed: volume i depends only on (seed, i).")]
 TrackingUri = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite in ./ctsynth-mlflow).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue RUN from its latest checkpoint.")]
+ResumeCases = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue an interrupted run with the same settings: what it finished is kept, "
+                                  "the rest (failed cases too) is done."),
+]  # fmt: skip
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show Ray's own messages (reports, checkpoints, workers).")]
 TrainWorkers = Annotated[int, typer.Option(min=1, help="Ray Train workers (data parallel).")]
 SPACING_HELP = "Target voxel size X,Y,Z in mm (the thesis' grid by default)."
@@ -295,19 +300,22 @@ def report_ingest_failures(report) -> None:
         typer.echo(f"ctsynth: error: case {failure['case']}: {failure['file']}: {failure['reason']}", err=True)
 
 
-def _run_ingest(kind: str, src_text: str, out: str, spacing: str, split: str, options, **extra) -> None:
+def _run_ingest(kind: str, src_text: str, out: str, spacing: str, split: str, resume: bool, options, **extra) -> None:
     from ctsynth_ray.pipelines.ingest import REPORT_NAME, ingest
 
     src = local_input(src_text, "source folder", options.address)
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a folder", param_hint="SRC")
+    from ctsynth_ray.storage import resolved
+
     report = ingest(kind, src, out, spacing_mm=parse_spacing(spacing), split_fractions=parse_split(split),
-                    ray_options=options, **extra)  # fmt: skip
+                    resume=resume, source_name=str(resolved(src_text)), ray_options=options, **extra)  # fmt: skip
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     report_ingest_failures(report)
+    kept = f" ({len(report.kept)} finished by an earlier run)" if report.kept else ""
     typer.echo(
-        f"ingested {len(report.ingested)} volume(s) into {report.dataset}; {len(report.failed)} failed; "
+        f"ingested {len(report.ingested)} volume(s) into {report.dataset}{kept}; {len(report.failed)} failed; "
         f"report: {report.dataset / REPORT_NAME}"
     )
     if not report.ok:
@@ -325,9 +333,11 @@ def ingest_lidc(
     workers: Workers = 1,
     address: Address = None,
     overwrite: Overwrite = False,
+    resume: ResumeCases = False,
 ) -> None:
     """LIDC-IDRI style DICOM + reader XML: HU, consensus nodule masks, resampled NIfTI. Exit 1 if any case failed."""
-    _run_ingest("lidc", src, out, spacing, split, ray_options(workers, address, overwrite), min_readers=min_readers)
+    _run_ingest("lidc", src, out, spacing, split, resume, ray_options(workers, address, overwrite),
+                min_readers=min_readers)  # fmt: skip
 
 
 @ingest_app.command("nifti")
@@ -342,9 +352,10 @@ def ingest_nifti(
     workers: Workers = 1,
     address: Address = None,
     overwrite: Overwrite = False,
+    resume: ResumeCases = False,
 ) -> None:
     """Image/mask NIfTI pairs already converted: reoriented to RAS, resampled when the spacing differs."""
-    _run_ingest("nifti", src, out, spacing, split, ray_options(workers, address, overwrite))
+    _run_ingest("nifti", src, out, spacing, split, resume, ray_options(workers, address, overwrite))
 
 
 app.add_typer(ingest_app, name="ingest", help="Ingest real CT: LIDC DICOM + reader XML, or NIfTI pairs.")
@@ -367,6 +378,7 @@ def prepare(
     workers: Workers = 1,
     address: Address = None,
     overwrite: Overwrite = False,
+    resume: ResumeCases = False,
 ) -> None:
     """Label maps, the nodule template bank and GAN training data.
 
@@ -383,7 +395,8 @@ def prepare(
         raise typer.BadParameter(str(exc), param_hint="--dims") from None
     description = run_prepare(
         dataset, out, scheme=scheme.value, size=size, kinds=kinds, stack_slices=stack_slices, crops=crops.value,
-        n_templates=parse_templates(templates), seed=seed, ray_options=ray_options(workers, address, overwrite),
+        n_templates=parse_templates(templates), seed=seed, resume=resume,
+        ray_options=ray_options(workers, address, overwrite),
     )  # fmt: skip
     counts = "; ".join(
         f"{part}: " + ", ".join(f"{k} {n}" for k, n in c.items()) for part, c in description["counts"].items()

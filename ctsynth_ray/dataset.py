@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -116,23 +117,44 @@ def _temp_sibling(path: Path) -> Path:
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, timings: dict | None = None) -> None:
     """Write ``array`` with ``affine`` to ``path`` (.nii or .nii.gz) atomically: temp name, then rename.
 
-    The array's dtype is stored as is (no scaling): int16 HU stay int16 HU. ``timings``, when given, gains the
-    seconds spent encoding and compressing (``compression``) and writing (``write``).
+    The array's dtype is stored as is (no scaling): int16 HU stay int16 HU. Header and voxels stream to the file
+    one z-plane at a time (Fortran order; a C-ordered array is transposed plane by plane), through ISA-L's gzip
+    for .nii.gz, so no encoded copy of the volume is ever held; on an object store the file is one object, built
+    in memory. ``timings``, when given, gains the seconds spent encoding, compressing and writing the temp file
+    (``compression``) and renaming it into place or uploading it (``write``).
     """
     started = time.perf_counter()
     path = location(path)
-    # NIfTI stores Fortran order: a C-ordered array would be transposed chunk by chunk on the way out.
-    image = nib.Nifti1Image(np.asfortranarray(array), np.asarray(affine, float))
+    image = nib.Nifti1Image(array, np.asarray(affine, float))
     image.header.set_data_dtype(array.dtype)
     image.header.set_xyzt_units("mm")
     image.set_qform(np.asarray(affine, float), code=1)
     image.set_sform(np.asarray(affine, float), code=1)
-    data = image.to_bytes()
-    if path.name.endswith(".gz"):
-        # ISA-L's gzip (standard gzip output) at level 1 writes ~2.5x faster than zlib's level 1.
-        data = igzip.compress(data, compresslevel=1, mtime=0)  # no time stamp: the same volume, the same bytes
-    encoded = time.perf_counter()
-    write_bytes(path, data)
+
+    def encode(stream) -> None:
+        if path.name.endswith(".gz"):
+            # ISA-L's gzip (standard gzip output) at level 1 writes ~2.5x faster than zlib's level 1. No name and
+            # no time stamp in the gzip header: the same volume, the same bytes.
+            with igzip.IGzipFile(filename="", mode="wb", compresslevel=1, fileobj=stream, mtime=0) as gz:
+                image.to_stream(gz)
+        else:
+            image.to_stream(stream)
+
+    if isinstance(path, Remote):
+        buffer = io.BytesIO()
+        encode(buffer)
+        encoded = time.perf_counter()
+        path.write_bytes(buffer.getvalue())
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = _temp_sibling(path)
+        try:
+            with open(temp, "wb") as stream:
+                encode(stream)
+            encoded = time.perf_counter()
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
     if timings is not None:
         timings["compression"] = timings.get("compression", 0.0) + encoded - started
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - encoded
@@ -153,22 +175,45 @@ def write_bytes(path: Path | Remote, data: bytes) -> None:
 
 
 def read_nifti(path: str | os.PathLike | Remote) -> tuple[np.ndarray, np.ndarray]:
-    """Read a NIfTI file as (array in its on-disk dtype, 4x4 affine). Raises CtsynthError if unreadable."""
+    """Read a NIfTI file as (array in its on-disk dtype, 4x4 affine). Raises CtsynthError if unreadable.
+
+    A gzipped NIfTI-1 file with unscaled voxels (what :func:`write_nifti` makes) is inflated by ISA-L straight into
+    the array, 8 MB at a time; any other file (scaled voxels, plain .nii, NIfTI-2) is read by nibabel. Either way
+    the array and the affine are what ``nib.load`` gives.
+    """
     path = location(path)
     if not path.is_file():
         raise CtsynthError(f"{path}: file not found")
     try:
-        if isinstance(path, Remote):
-            data = path.read_bytes()
-            image = nib.Nifti1Image.from_bytes(igzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
-        else:
-            image = nib.load(path)
-        array = np.asarray(image.dataobj)
+        data = path.read_bytes() if isinstance(path, Remote) else None
+        gzipped = path.name.endswith(".gz") if data is None else data[:2] == b"\x1f\x8b"
+        array = None
+        if gzipped:
+            with igzip.open(path if data is None else io.BytesIO(data), "rb") as gz:
+                raw = gz.read(348)
+                # A NIfTI-1 single file (sizeof_hdr 348 in either byte order, magic "n+1"), as nibabel sniffs it.
+                if raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c") and raw[344:] == b"n+1\x00":
+                    header = nib.Nifti1Header(raw)
+                    if header.get_slope_inter() in ((None, None), (1.0, 0.0)):
+                        gz.seek(int(header.get_data_offset()))
+                        array = np.empty(header.get_data_shape(), header.get_data_dtype(), order="F")
+                        voxels = array.reshape(-1, order="F").view(np.uint8)  # its bytes in file order
+                        for start in range(0, len(voxels), 1 << 23):
+                            chunk = voxels[start : start + (1 << 23)]
+                            if gz.readinto(chunk) != len(chunk):
+                                raise EOFError("the voxel data ends early")
+                        affine = header.get_best_affine()
+        if array is None:
+            if data is None:
+                image = nib.load(path)
+            else:
+                image = nib.Nifti1Image.from_bytes(igzip.decompress(data) if gzipped else data)
+            array, affine = np.asarray(image.dataobj), image.affine
     except Exception as exc:  # nibabel raises many types for damaged files
         raise CtsynthError(f"{path}: not a readable NIfTI file ({exc})") from None
     if array.ndim != 3:
         raise CtsynthError(f"{path}: expected a 3D volume, found shape {array.shape}")
-    return array, np.asarray(image.affine, float)
+    return array, np.asarray(affine, float)
 
 
 def write_parquet(path: Path | Remote, table: pa.Table) -> None:

@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scipy import ndimage
 
 from ctsynth_ray.dataset import Volume, crop_cube, write_parquet
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import AIR_HU, Tissue, encode_labels, hu_to_network
+from ctsynth_ray.nodule_bank import nodule_components
 
 KINDS = {"2": "2d", "2.5": "2p5d", "3": "3d"}
 CROPS = ("one", "per-nodule")
@@ -48,22 +50,24 @@ def parse_dims(text: str) -> list[str]:
 
 def nodule_crops(volume: Volume, size: int, air_label: int, crops: str = "one") -> list[tuple[np.ndarray, np.ndarray]]:
     """(label, hu) crops of ``size``^3 (padded with air at borders): ``one`` centred on the largest nodule
-    component, or ``per-nodule`` one centred on each component, largest first."""
-    from scipy import ndimage
-
+    component (26-connected), or ``per-nodule`` one centred on each component, largest first (ties in label order:
+    by first voxel in C order). A centre is the component's centroid rounded to the nearest voxel."""
     if crops not in CROPS:
         raise ValueError(f"crops must be one of {CROPS}, got {crops!r}")
-    labelled, count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
+    origin, labelled, count = nodule_components(volume.mask)
     if count == 0:
         return []
-    components = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(np.ones(labelled.shape, np.uint8), labelled, components)
-    order = components[np.argsort(-sizes, kind="stable")]
-    chosen = order[:1] if crops == "one" else order
+    sizes = np.bincount(labelled.ravel(), minlength=count + 1)[1:]
+    order = np.argsort(-sizes, kind="stable") + 1
+    boxes = ndimage.find_objects(labelled)
     out = []
-    for centre in ndimage.center_of_mass(volume.mask > 0, labelled, chosen):
-        origin = np.rint(centre).astype(int) - size // 2
-        out.append((crop_cube(volume.label, origin, size, air_label), crop_cube(volume.hu, origin, size, AIR_HU)))
+    for k in order[:1] if crops == "one" else order:
+        box = boxes[k - 1]
+        where = np.nonzero(labelled[box] == k)
+        # Integer coordinate sums, then one division: the same float as ndimage.center_of_mass over the volume.
+        centre = [(int(w.sum()) + len(w) * (s.start + o)) / len(w) for w, s, o in zip(where, box, origin)]
+        corner = np.rint(centre).astype(int) - size // 2
+        out.append((crop_cube(volume.label, corner, size, air_label), crop_cube(volume.hu, corner, size, AIR_HU)))
     return out
 
 

@@ -15,7 +15,6 @@ is finished exactly when that file exists, so a killed run leaves nothing that l
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
@@ -28,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctsynth_ray.dataset import Volume, write_json, write_volume
+from ctsynth_ray.dataset import Volume, write_volume
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import Tissue, encode_labels_tensor, n_classes, network_to_hu_tensor
+from ctsynth_ray.progress import read_records, write_record
 from ctsynth_ray.storage import Remote, local_copy, location
 from ctsynth_ray.synth_labels import make_label_volume, synthetic_volume_id
 
-PROGRESS = ".progress"  # finished volumes' manifest rows, until the manifest is written
 #: Default slices per forward pass: on a GPU, 512 (the H200's rate levels off there); on a CPU, 16 (the default
 #: CycleGAN generator ran 29 slices/s at 8-32 and 20 at 128-256 on the 2-core development machine).
 GPU_BATCH, CPU_BATCH = 512, 16
@@ -195,42 +194,15 @@ class VolumeWriter:
         row = write_volume(self.root, volume, split="train", source="synthetic", timings=times, **item.extras,
                            synth_seed=self.seed, synth_index=item.index, **self.extra)  # fmt: skip
         started = time.perf_counter()
-        write_json(self.root / PROGRESS / f"{volume.volume_id}.json", row)
+        write_record(self.root, volume.volume_id, row)
         times["write"] = times.get("write", 0.0) + time.perf_counter() - started
         return row, StageTimes(compression=times.get("compression", 0.0), write=times["write"])
 
 
-#: Progress rows read at once from an object store (the end of a run reads one per volume).
-REMOTE_READERS = 32
-
-
 def finished_rows(root: str | os.PathLike) -> dict[int, dict]:
     """{synth_index: manifest row} of the volumes finished under ``root`` (progress rows whose files exist)."""
-    root = location(root)
-    rows = {}
-    progress = root / PROGRESS
-    if isinstance(root, Remote):  # one listing, not three requests per volume
-        stored = {rel for rel, _, _ in root.files()}
-        paths = [root / p for p in sorted(stored) if p.startswith(f"{PROGRESS}/") and p.endswith(".json")]
-    else:
-        stored = None
-        paths = sorted(progress.glob("*.json")) if progress.is_dir() else []
-
-    def exists(rel: str) -> bool:
-        return rel in stored if stored is not None else (root / rel).is_file()
-
-    def read(path) -> dict | None:
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            return None  # cannot happen with atomic writes; treat as unfinished
-
-    # An object store answers each read in tens of milliseconds: many at once, not one after another.
-    with ThreadPoolExecutor(max_workers=REMOTE_READERS if stored is not None else 1) as pool:
-        for row in pool.map(read, paths):
-            if row is not None and all(exists(row[c]) for c in ("image", "mask", "label")):
-                rows[int(row["synth_index"])] = row
-    return rows
+    records = read_records(root, lambda _, row, stored: all(row[c] in stored for c in ("image", "mask", "label")))
+    return {int(row["synth_index"]): row for row in records.values()}
 
 
 class VolumeMaker:

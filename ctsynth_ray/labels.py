@@ -30,6 +30,7 @@ ENCODINGS = ("scalar", "onehot")
 HU_SCALE = 2000.0
 AIR_HU = -1000  # air: what crops, patches and sliding windows are padded with
 BODY_THRESHOLD_HU = -500.0
+SLAB_VOXELS = 1 << 23  # voxels per slab of the body mask's slab-wise labelling (~8 M: tens of MB of labels)
 
 
 class Tissue(IntEnum):
@@ -53,36 +54,137 @@ def _check_scheme(scheme: str) -> None:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
-    """The patient's body: the largest 3D component above -500 HU, with every axial slice's holes (lungs,
-    airways, bowel gas) filled."""
-    tissue = hu > BODY_THRESHOLD_HU
-    labelled, count = ndimage.label(tissue)
-    if count == 0:
-        return np.zeros(hu.shape, bool)
-    sizes = np.bincount(labelled.ravel())
-    sizes[0] = 0
-    body = labelled == int(np.argmax(sizes))
-    for z in range(body.shape[2]):
-        if body[:, :, z].any():
-            body[:, :, z] = ndimage.binary_fill_holes(body[:, :, z])
+def body_mask(hu: np.ndarray, *, slab_slices: int | None = None) -> np.ndarray:
+    """The patient's body in (x, y, z) HU ``hu``: the largest 6-connected 3D component above -500 HU, with every
+    axial slice's holes (lungs, airways, bowel gas) filled; bool, laid out like ``hu``.
+
+    Worked out ``slab_slices`` axial slices at a time (default: about 8 M voxels), exactly as one whole-volume
+    labelling would: of equally large components, the one whose first voxel in C order comes first wins.
+    """
+    body = np.empty_like(hu, dtype=bool)
+    for z0, z1, slab in _body_slabs(hu, slab_slices):
+        body[:, :, z0:z1] = slab
     return body
 
 
-def label_map(hu: np.ndarray, mask: np.ndarray, scheme: str = "thesis") -> np.ndarray:
-    """uint8 label map of int HU ``hu`` and nodule ``mask`` (same shape) in ``scheme`` (see the module doc)."""
+def label_map(
+    hu: np.ndarray, mask: np.ndarray, scheme: str = "thesis", *, slab_slices: int | None = None
+) -> np.ndarray:
+    """uint8 label map of int HU ``hu`` and nodule ``mask`` (same (x, y, z) shape) in ``scheme`` (see the module
+    doc), laid out like ``hu``; made ``slab_slices`` axial slices at a time (see :func:`body_mask`)."""
     _check_scheme(scheme)
     if hu.shape != mask.shape:
         raise ValueError(f"hu shape {hu.shape} differs from mask shape {mask.shape}")
-    label = np.full(hu.shape, Tissue.BONE, np.uint8)
-    label[hu <= 500] = Tissue.SOFT_TISSUE
-    label[hu == 0] = Tissue.WATER
-    label[hu < 0] = Tissue.FAT
-    label[hu < -200] = Tissue.OTHER
+    label = np.empty_like(hu, dtype=np.uint8)
     if scheme == "body":
-        label[(label == Tissue.OTHER) & ~body_mask(hu)] = Tissue.OUTSIDE_AIR
-    label[mask > 0] = Tissue.NODULE
+        slabs = _body_slabs(hu, slab_slices)
+    else:
+        slabs = ((z0, z1, None) for z0, z1 in _slab_bounds(hu.shape, slab_slices))
+    for z0, z1, body in slabs:
+        h, out = hu[:, :, z0:z1], label[:, :, z0:z1]
+        # Bone (4) less one for each bound the HU are under: <= 500 soft tissue 3, <= 0 water 2, < 0 fat 1,
+        # < -200 other 0 (and NaN bone, as assigning class by class gave).
+        out[...] = Tissue.BONE
+        for below in (h <= 500, h <= 0, h < 0, h < -200):
+            out -= below
+        if body is not None:
+            out[(out == Tissue.OTHER) & ~body] = Tissue.OUTSIDE_AIR
+        out[mask[:, :, z0:z1] > 0] = Tissue.NODULE
     return label
+
+
+# Background connectivity within an axial slice only, as binary_fill_holes uses per slice (axes: z, y, x).
+_IN_PLANE = np.zeros((3, 3, 3), bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _slab_bounds(shape: tuple[int, ...], slab_slices: int | None) -> list[tuple[int, int]]:
+    if slab_slices is None:
+        slab_slices = max(1, SLAB_VOXELS // max(1, shape[0] * shape[1]))
+    if slab_slices < 1:
+        raise ValueError(f"slab_slices must be positive, got {slab_slices}")
+    return [(z0, min(z0 + slab_slices, shape[2])) for z0 in range(0, shape[2], slab_slices)]
+
+
+def _tissue_components(hu_slab: np.ndarray) -> tuple[np.ndarray, int]:
+    """6-connected components above -500 HU of an (x, y, z) slab, labelled on its (z, y, x) transpose: C-ordered
+    for a slab of a Fortran-ordered (NIfTI) volume, which labels ~2x faster than the (x, y, z) view."""
+    return ndimage.label(np.ascontiguousarray((hu_slab > BODY_THRESHOLD_HU).T))
+
+
+# Slab-wise body mask. A whole-volume labelling of an adult chest CT is a 4-byte label per voxel (720 MB for
+# 736 x 736 x 331); slabs of SLAB_VOXELS keep it to tens of MB. Pass 1 labels each slab, counts its components and
+# joins those that touch across a slab boundary; pass 2 labels each slab again (the same labels: it is
+# deterministic) and keeps the largest joined component.
+def _body_slabs(hu: np.ndarray, slab_slices: int | None):
+    """Yield (z0, z1, body mask of hu[:, :, z0:z1]) for each slab, as :func:`body_mask` defines it."""
+    # Imported on use: it takes a few hundred ms, and most users of this module need none.
+    from scipy.sparse import coo_matrix, csgraph
+
+    bounds = _slab_bounds(hu.shape, slab_slices)
+    # Pass 1: component sizes by global id (local label + the slab's offset), and the ids touching across slabs.
+    offsets, sizes, edges = [], [np.zeros(1, np.int64)], []
+    last_plane, total = None, 0
+    for z0, z1 in bounds:
+        labels, count = _tissue_components(hu[:, :, z0:z1])
+        sizes.append(np.bincount(labels.ravel(), minlength=count + 1)[1:])
+        if last_plane is not None:
+            touching = (last_plane > 0) & (labels[0] > 0)
+            pairs = np.unique(last_plane[touching].astype(np.int64) * (count + 1) + labels[0][touching])
+            edges.append(np.stack([pairs // (count + 1) + offsets[-1], pairs % (count + 1) + total]))
+        offsets.append(total)
+        last_plane, total = labels[-1].copy(), total + count
+    if total == 0:
+        for z0, z1 in bounds:
+            yield z0, z1, np.zeros(hu[:, :, z0:z1].shape, bool)
+        return
+    edges = np.concatenate([np.zeros((2, 0), np.int64), *edges], axis=1)
+    graph = coo_matrix((np.ones(edges.shape[1], np.int8), tuple(edges)), shape=(total + 1, total + 1))
+    component = csgraph.connected_components(graph, directed=False)[1]
+    size = np.bincount(component, weights=np.concatenate(sizes))  # exact: integers far below 2**53
+    size[component[0]] = 0  # id 0 is the background
+    tied = np.flatnonzero(size == size.max())
+    body = tied[0] if len(tied) == 1 else _first_in_c_order(hu, bounds, offsets, component, tied)
+    # Pass 2: keep the body's voxels, then fill each slice's holes.
+    for (z0, z1), offset in zip(bounds, offsets):
+        labels, count = _tissue_components(hu[:, :, z0:z1])
+        keep = np.concatenate([[False], component[offset + 1 : offset + count + 1] == body])
+        yield z0, z1, _fill_holes_in_plane(keep[labels]).T
+
+
+def _first_in_c_order(hu, bounds, offsets, component, tied) -> int:
+    """Of equally large components, the one holding the first voxel in C order of the whole (x, y, z) volume: the
+    one a whole-volume ``ndimage.label`` numbers first, and so ``np.argmax`` over its sizes picks."""
+    _, ny, nz = hu.shape
+    rank = np.full(component.max() + 1, -1)
+    rank[tied] = np.arange(len(tied))
+    rank_of_id = rank[component]
+    rank_of_id[0] = -1  # the background
+    first = np.full(len(tied), np.iinfo(np.int64).max)
+    for (z0, z1), offset in zip(bounds, offsets):
+        labels, count = _tissue_components(hu[:, :, z0:z1])
+        ranks = np.concatenate([[-1], rank_of_id[offset + 1 : offset + count + 1]])[labels].T  # (x, y, z - z0)
+        x, y, z = np.nonzero(ranks >= 0)
+        np.minimum.at(first, ranks[x, y, z], (x * ny + y) * nz + z + z0)
+    return int(tied[np.argmin(first)])
+
+
+def _fill_holes_in_plane(body: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` of each axial slice of a (z, y, x) mask, in one labelling: a background
+    component (4-connected in its slice) is a hole unless it touches the slice's border.
+
+    Only the mask's bounding box is labelled: from a background voxel on the box's edge a straight line outwards
+    reaches the border through background, so a component touching the box's edge is no hole either."""
+    present = [np.flatnonzero(body.any(axis=other)) for other in ((0, 2), (0, 1))]
+    if not len(present[0]):
+        return body
+    box = (slice(None), *(slice(p[0], p[-1] + 1) for p in present))
+    background, count = ndimage.label(~body[box], structure=_IN_PLANE)
+    hole = np.ones(count + 1, bool)
+    for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
+        hole[edge] = False
+    body[box] |= hole[background]
+    return body
 
 
 def lung_like(label: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctsynth_ray.dataset import Volume, load_volume, write_volume
+from ctsynth_ray.dataset import Volume, read_nifti, write_volume
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.labels import Tissue, lung_like
 from ctsynth_ray.nodule_bank import NoduleTemplate, augment_template, train_rows
@@ -46,17 +46,17 @@ class SynthLabelConfig:
 
 @dataclass
 class Source:
-    """A training volume's label map and nodule mask, as the cubes are cut from it."""
+    """A training volume's label map, as the cubes are cut from it. Its nodule mask is where the label map says
+    nodule (``prepare`` puts the class exactly there), so only the label map is decoded."""
 
     volume_id: str
     label: np.ndarray
-    mask: np.ndarray
     affine: np.ndarray
     scheme: str
 
 
 class SourceCache:
-    """Training volumes decoded once per process (gzip is the slow part), least recently used dropped
+    """Training volumes' label maps decoded once per process (gzip is the slow part), least recently used dropped
     first beyond ``max_bytes``."""
 
     def __init__(self, root: str | Path, rows: list[dict], max_bytes: int = 4 << 30):
@@ -74,12 +74,12 @@ class SourceCache:
         if vid in self._cache:
             self._cache.move_to_end(vid)
             return self._cache[vid]
-        volume = load_volume(self.root, row, with_image=False)
-        if volume.label is None:
+        if not row.get("label"):
             raise CtsynthError(f"{vid}: no label map (run `ctsynth prepare {self.root}` first)")
-        source = Source(vid, volume.label, volume.mask, volume.affine, row.get("label_scheme") or "thesis")
+        label, affine = read_nifti(self.root / row["label"])
+        source = Source(vid, label, affine, row.get("label_scheme") or "thesis")
         self._cache[vid] = source
-        while len(self._cache) > 1 and sum(s.label.nbytes * 2 for s in self._cache.values()) > self.max_bytes:
+        while len(self._cache) > 1 and sum(s.label.nbytes for s in self._cache.values()) > self.max_bytes:
             self._cache.popitem(last=False)
         return source
 
@@ -149,7 +149,7 @@ def make_label_volume(
         label = source.label[box].copy(order="K")  # keep NIfTI's Fortran order: fast copy and write
         if not cube_accepted(label):
             continue
-        mask = source.mask[box].copy(order="K")
+        mask = (label == Tissue.NODULE).astype(np.uint8)  # before pasting: the source's mask in this cube
         break
     else:
         raise CtsynthError(

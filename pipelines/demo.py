@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ctsynth_ray.errors import CtsynthError
@@ -89,7 +89,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     _checked(phantoms, echo)
     outputs.append(("phantom preview", write_preview(phantoms, out / "phantoms-preview.png")))
 
-    step(3, "export 2 train phantoms as LIDC-style cases (DICOM + 4-reader XML), then `ingest lidc` them back")
+    step(3, "export 2 train phantoms as LIDC-style cases (DICOM + 4-reader XML), `ingest lidc` them, then `--resume`")
     lidc_src = out / "lidc-style"
     shutil.rmtree(lidc_src, ignore_errors=True)
     train_rows = [r for r in read_manifest(phantoms) if r["split"] == "train"]
@@ -99,6 +99,11 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> tuple
     report = ingest("lidc", lidc_src, ingested, ray_options=parallel)
     if not report.ok:
         raise CtsynthError("\n".join(f"case {f['case']}: {f['file']}: {f['reason']}" for f in report.failed))
+    # As a run killed part way leaves it: the last case's files gone. --resume keeps the others and redoes it.
+    for sub in ("images", "masks"):
+        (ingested / sub / f"{report.ingested[-1]}.nii.gz").unlink()
+    report = ingest("lidc", lidc_src, ingested, resume=True, ray_options=replace(parallel, overwrite=False))
+    echo(f"ingest --resume: {len(report.kept)} case(s) kept, {len(report.ingested) - len(report.kept)} redone")
     _checked(ingested, echo)
     outputs += [("LIDC-style DICOM + XML", lidc_src), ("ingested dataset", ingested),
                 ("ingest report", ingested / "ingest_report.json")]  # fmt: skip

@@ -28,7 +28,6 @@ work in flight (memory independent of N) and keeps one long-lived pool instead o
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections import deque
@@ -44,7 +43,6 @@ from ctsynth_ray.dataset import (
 )
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.generation import (
-    PROGRESS,
     StageTimes,
     VolumeMaker,
     check_generator_fits,
@@ -53,10 +51,12 @@ from ctsynth_ray.generation import (
 )
 from ctsynth_ray.pipelines.runtime import RayOptions, ensure_ray
 from ctsynth_ray.pipelines.synth_labels import resolve_bank
+from ctsynth_ray.progress import check_same_run, clear_records, remove_temporary_files
 from ctsynth_ray.storage import Remote, local_copy, resolved
 from ctsynth_ray.synth_labels import SynthLabelConfig, check_sources
 
 RUN_FILE = "generate.json"
+VOLUME_FOLDERS = ("images", "masks", "labels")
 #: Decoded sources a label worker keeps: work comes grouped by source, so about two LIDC-size ones are enough.
 SOURCE_CACHE_BYTES = 1 << 30
 #: Bytes on disk per voxel of a finished volume (gzip level 1): CT ~1.1 of its 2 bytes, label + mask ~0.05 of
@@ -159,15 +159,8 @@ def _resolve_inputs(options: GenerateOptions, info: dict) -> tuple[Path | Remote
 def _finished_before(out: Path | Remote, settings: dict, resume: bool) -> dict[int, dict]:
     """Check that SYNTH may take this run (new, or the same run resumed) and return the volumes already finished
     {index: row}; writes nothing."""
-    run_file = out / RUN_FILE
     if resume:
-        if not run_file.is_file():
-            raise CtsynthError(f"{out}: nothing to resume (no {RUN_FILE})")
-        before = json.loads(run_file.read_text())
-        changed = [k for k in RESUME_KEYS if before.get(k) != settings[k]]
-        if changed:
-            raise CtsynthError(f"{out}: was made with other settings ({', '.join(changed)} differ): --resume continues "
-                               f"the same run only")  # fmt: skip
+        check_same_run(out, RUN_FILE, settings, RESUME_KEYS)
     elif out.exists() and any(True for _ in out.iterdir()):
         raise CtsynthError(f"{out}: already exists and is not empty (pass --resume to continue it, or another --out)")
     done = finished_rows(out)
@@ -176,14 +169,6 @@ def _finished_before(out: Path | Remote, settings: dict, resume: bool) -> dict[i
             if all((out / row[c]).is_file() for c in ("image", "mask", "label")):
                 done.setdefault(int(row["synth_index"]), row)
     return done
-
-
-def _remove_temporary_files(out: Path | Remote) -> None:
-    if isinstance(out, Remote):  # an object store writes whole objects: no temporary names to clean
-        return
-    for sub in ("images", "masks", "labels", PROGRESS):
-        for temp in (out / sub).glob(".*.tmp.*") if (out / sub).is_dir() else []:
-            temp.unlink(missing_ok=True)
 
 
 def _check_disk(out: Path | Remote, todo: int, size: int) -> None:
@@ -238,13 +223,13 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
     if isinstance(out, Path):  # an object store has no folders to make
         out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUN_FILE, settings)
-    _remove_temporary_files(out)  # left by writers killed in an earlier run
+    remove_temporary_files(out, VOLUME_FOLDERS)  # left by writers killed in an earlier run
     todo = [i for i in range(options.n) if i not in done]
     summary = GenerateSummary(out, options.n, 0, skipped, 0, 0, 0, 0, 0, 0.0)
     if todo:
         work = _Work(model, out, source, source_fingerprint, len(rows), bank, config, fingerprint, todo)
         _run_pool(options, ray_options, work, shape, summary, echo)
-    _remove_temporary_files(out)
+    remove_temporary_files(out, VOLUME_FOLDERS)
     done.update(finished_rows(out))  # what is on disk, not what the actors said
     missing = [i for i in range(options.n) if i not in done]
     if missing:
@@ -253,10 +238,7 @@ def generate(options: GenerateOptions, ray_options: RayOptions = RayOptions(), e
         )
     final = [done[i] for i in range(options.n)]
     write_manifest(out, final)
-    if isinstance(out, Remote):
-        (out / PROGRESS).rmtree()
-    else:
-        shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    clear_records(out)
     summary.with_nodule = sum(r["n_nodules"] > 0 for r in final)
     summary.pasted = sum(bool(r["inserted_nodule"]) for r in final)
     summary.paste_failed = sum(bool(r["paste_failed"]) for r in final)

@@ -124,9 +124,16 @@ def parallel_map(
     *,
     description: str = "",
     unit: str = "vol",
+    memory: Sequence[int] | None = None,
+    on_failure: Callable[[int, BaseException], Any] | None = None,
 ) -> list[Any]:
     """``[fn(*args) for args in argument_tuples]``, in order, as Ray tasks when ``ray_options.uses_ray`` (at most
     ``workers`` in flight on a local instance), in-process otherwise.
+
+    ``memory``: bytes each call needs at its peak, declared to Ray (its ``memory`` resource), so that a node runs
+    only as many at once as fit. ``on_failure(k, error)``: the result of call k when its Ray task failed for another
+    reason than a user error (its worker died, out of memory, after Ray's retries), instead of raising; a run over
+    a thousand cases goes on without the one that could not be done.
 
     Results never depend on ``workers``: each call gets only its own arguments.
     """
@@ -145,6 +152,9 @@ def parallel_map(
         import ray
 
         remote = ray.remote(num_cpus=1)(fn)
+        if memory is not None:  # more than any node has would wait forever: such a task runs alone on the largest
+            largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+            memory = [min(int(m), int(largest)) if largest else int(m) for m in memory]
         limit = len(argument_tuples) if address else ray_options.workers
         pending: dict = {}
         results: list[Any] = [None] * len(argument_tuples)
@@ -152,17 +162,22 @@ def parallel_map(
         while queue or pending:
             while queue and len(pending) < limit:
                 k, args = queue.pop(0)
-                pending[remote.remote(*args)] = k
+                options = {"memory": int(memory[k])} if memory is not None else {}
+                pending[remote.options(**options).remote(*args)] = k
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
+                k = pending.pop(ref)
                 try:
-                    results[pending.pop(ref)] = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # a user error in a task: its one line, no traceback
+                    results[k] = ray.get(ref)
+                except ray.exceptions.RayError as exc:
                     from ctsynth_ray.errors import CtsynthError
 
-                    if isinstance(exc.cause, CtsynthError):
-                        raise CtsynthError(str(exc.cause)) from None
-                    raise
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, CtsynthError):  # a user error in a task: its one line, no traceback
+                        raise CtsynthError(str(cause)) from None
+                    if on_failure is None:
+                        raise
+                    results[k] = on_failure(k, exc)
                 bar.update()
         return results
     finally:

@@ -23,7 +23,13 @@ from ctsynth_ray.synth_labels import (
 _CACHES: dict[tuple[str, str, int], SourceCache] = {}
 
 
-def source_cache(source: str, fingerprint: str, size: int, max_bytes: int = 4 << 30) -> SourceCache:
+#: Decoded label maps a worker keeps: work comes grouped by source, so one or two LIDC-size ones are enough.
+CACHE_BYTES = 1 << 30
+#: A chunk task's own memory besides its cache (the process, the chunk's cubes while they are written).
+TASK_MEMORY = 300 << 20
+
+
+def source_cache(source: str, fingerprint: str, size: int, max_bytes: int = CACHE_BYTES) -> SourceCache:
     """This process' cache of the train volumes of ``source`` that can give ``size``^3 cubes (decoded volumes
     beyond ``max_bytes`` are dropped, least recently used first)."""
     key = (source, fingerprint, size)
@@ -74,13 +80,18 @@ def synth_labels(
         raise ValueError(f"n must be at least 1, got {n}")
     given = resolved(source)  # absolute: Ray workers may run in another working directory
     source = local_copy(given, "source dataset")
-    n_sources = len(check_sources(source, config.size))
+    rows = check_sources(source, config.size)
+    n_sources = len(rows)
+    # Declared to Ray: a worker's cache (at least the largest label map, plus the one being decoded) and the task.
+    largest = max(r["shape_x"] * r["shape_y"] * r["shape_z"] for r in rows)
+    memory = TASK_MEMORY + max(CACHE_BYTES, largest) + largest
     templates = load_bank(resolve_bank(source, bank)) if config.p_nodule > 0 else []
     fingerprint = dataset_fingerprint(source)
     chunks = plan_chunks(seed, range(n), n_sources, chunk)
     with staged_dataset(out, overwrite=ray_options.overwrite, subfolders=("masks", "labels")) as stage:
         arguments = [(as_text(stage), as_text(given), fingerprint, seed, c, templates, config) for c in chunks]
-        results = parallel_map(_chunk_task, arguments, ray_options, description="label volumes", unit="chunk")
+        results = parallel_map(_chunk_task, arguments, ray_options, description="label volumes", unit="chunk",
+                               memory=[memory] * len(arguments))  # fmt: skip
         rows = sorted((row for chunk_rows in results for row in chunk_rows), key=lambda row: row["synth_index"])
         write_manifest(stage, rows)
     return rows

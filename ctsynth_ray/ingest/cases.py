@@ -18,8 +18,8 @@ import numpy as np
 from ctsynth_ray.dataset import TARGET_SPACING_MM, Volume, describe_nodule, spacing_from_affine, write_volume
 from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.ingest.dicom import DicomError, SeriesFiles, find_series, read_series, safe_id, volume_ids
-from ctsynth_ray.ingest.lidc_xml import LidcReading, consensus_masks, group_annotations, parse_lidc_xml, rasterise
-from ctsynth_ray.resample import clean_hu, resample_linear, resample_mask, target_shape
+from ctsynth_ray.ingest.lidc_xml import LidcReading, consensus_nodules, group_annotations, parse_lidc_xml, rasterise
+from ctsynth_ray.resample import resample_hu, resample_mask, target_shape
 from ctsynth_ray.storage import location
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -51,7 +51,8 @@ class NiftiCase:
 
 
 def split_for(volume_id: str, fractions: Sequence[float]) -> str:
-    """A split that depends only on the volume id (a stable hash), so re-ingesting never reshuffles."""
+    """A split that depends only on ``volume_id`` (a stable hash), so re-ingesting never reshuffles. Ingest passes
+    the patient's id, so that every scan of a patient lands in one split."""
     u = int.from_bytes(hashlib.sha256(volume_id.encode()).digest()[:8], "big") / 2**64
     edges = np.cumsum(fractions)
     for name, edge in zip(("train", "val", "test"), edges):
@@ -71,7 +72,7 @@ def find_lidc_cases(src: str | os.PathLike) -> tuple[list[LidcCase], list[dict]]
     """CT series under ``src`` matched to LIDC XMLs by SeriesInstanceUID.
 
     Returns the cases and the problems found while searching: unreadable headers, unreadable XML, and
-    XMLs whose series is not in ``src`` (orphans).
+    XMLs whose series is not in ``src`` (orphans). Byte-identical copies of an XML count once.
     """
     src = Path(src)
     if not src.is_dir():
@@ -79,7 +80,14 @@ def find_lidc_cases(src: str | os.PathLike) -> tuple[list[LidcCase], list[dict]]
     series, header_problems = find_series(src)
     problems = [error(str(Path(p.file).parent.name), p.file, p.reason) for p in header_problems]
     readings: list[LidcReading] = []
+    seen: set[bytes] = set()
     for xml in sorted(src.rglob("*.xml")):
+        # A second copy of one XML (the series folder's and the XML zip's) is not a second reading round: it
+        # would double every reader and let --min-readers 3 keep nodules two radiologists marked.
+        digest = hashlib.sha256(xml.read_bytes()).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
         try:
             reading = parse_lidc_xml(xml)
         except CtsynthError as exc:
@@ -130,16 +138,19 @@ def ingest_lidc_case(
                 f"{case.volume_id}: no LIDC reader XML for series {ct.series_uid or '(no SeriesInstanceUID)'}: empty mask"
             )
         groups = group_annotations(annotations, ct.spacing_mm)
-        nodule_masks = consensus_masks(annotations, groups, ct.hu.shape, min_readers)
-        hu = clean_hu(resample_linear(ct.hu, ct.spacing_mm, spacing_mm))
-        mask = np.zeros(hu.shape, np.uint8)
+        shape = target_shape(ct.hu.shape, ct.spacing_mm, spacing_mm)
+        mask = np.zeros(shape, np.uint8)
         affine = _rescaled_affine(ct.affine, spacing_mm)
         nodules = []
-        for nodule_mask, readers in nodule_masks:
-            resampled = resample_mask(nodule_mask, ct.spacing_mm, spacing_mm, hu.shape)
+        # The masks before the image: the peak is then the series, the mask and the image, one float32 plane aside.
+        for nodule in consensus_nodules(annotations, groups, min_readers):
+            resampled = resample_mask(
+                nodule.mask, ct.spacing_mm, spacing_mm, shape, origin=nodule.origin, source_shape=ct.hu.shape
+            )
             if resampled.any():
-                nodules.append({**describe_nodule(resampled, affine), "n_readers": readers})
+                nodules.append({**describe_nodule(resampled, affine), "n_readers": nodule.n_readers})
                 mask |= resampled
+        hu = resample_hu(ct.hu, ct.spacing_mm, spacing_mm, shape)
         volume = Volume(case.volume_id, hu, mask, affine)
         result.row = write_volume(
             root, volume, split=split, source="lidc", nodules=nodules, series_uid=ct.series_uid,
@@ -159,7 +170,7 @@ def ingest_lidc_case(
 
 
 def _rescaled_affine(affine: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-    """The same grid origin and directions with a new voxel size (what :func:`resample_linear` makes)."""
+    """The same grid origin and directions with a new voxel size (what :func:`resample_hu` makes)."""
     out = np.array(affine, float)
     out[:3, :3] = out[:3, :3] / np.linalg.norm(out[:3, :3], axis=0) * np.asarray(spacing_mm, float)
     return out
@@ -226,12 +237,15 @@ def ingest_nifti_case(
             raise CtsynthError(f"{case.mask}: mask grid {mask_image.shape} does not match the image grid {image.shape}")
         current = case.image
         source_spacing = spacing_from_affine(image.affine)
-        data = np.asarray(image.dataobj, np.float32)
+        # Unscaled voxels stay in their stored type (int16 CT: half a float32 volume); resample_hu makes each plane
+        # float32 exactly as converting the whole volume would. Scaled ones take nibabel's float32 scaling as before.
+        scaled = nib.is_proxy(image.dataobj) and (image.dataobj.slope, image.dataobj.inter) != (1, 0)
+        data = np.asarray(image.dataobj, np.float32) if scaled else np.asarray(image.dataobj)
         marked = np.asarray(mask_image.dataobj) != 0
         if np.allclose(source_spacing, spacing_mm, atol=1e-4):
-            hu, mask = clean_hu(data), marked.astype(np.uint8)
+            hu, mask = resample_hu(data, source_spacing, source_spacing), marked.astype(np.uint8)
         else:
-            hu = clean_hu(resample_linear(data, source_spacing, spacing_mm))
+            hu = resample_hu(data, source_spacing, spacing_mm)
             mask = resample_mask(
                 marked, source_spacing, spacing_mm, target_shape(data.shape, source_spacing, spacing_mm)
             )

@@ -12,7 +12,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ctsynth_ray.errors import CtsynthError
-from ctsynth_ray.resample import clean_hu
+from ctsynth_ray.resample import clean_hu_in_place
 
 #: Files never read as DICOM while searching a tree.
 _NOT_DICOM_SUFFIXES = {".xml", ".txt", ".json", ".csv", ".md", ".nii", ".gz", ".png", ".jpg", ".zip", ".parquet"}
@@ -94,7 +94,8 @@ def _required(ds, name: str, path: Path):
 
 def read_series(series: SeriesFiles) -> CtSeries:
     """Read, sort and check a series; HU = stored x RescaleSlope + RescaleIntercept, cleaned by
-    :func:`ctsynth_ray.resample.clean_hu` (padding and < -1024 HU become air, > 1900 HU soft tissue).
+    :func:`ctsynth_ray.resample.clean_hu` (padding and < -1024 HU become air, > 1900 HU soft tissue), held as
+    int16 in Fortran order (each z-plane contiguous) and built one plane at a time.
 
     Raises DicomError naming the file for: unreadable or truncated pixel data, an undecodable transfer
     syntax, missing rescale or geometry tags, a non-axial or mixed orientation, differing pixel
@@ -103,7 +104,8 @@ def read_series(series: SeriesFiles) -> CtSeries:
     slices = []
     for path in series.files:
         try:
-            ds = pydicom.dcmread(path)
+            # Pixel data stays in the file until its slice is decoded: the series is never held twice.
+            ds = pydicom.dcmread(path, defer_size="64 KB")
         except Exception as exc:
             raise DicomError(path, f"unreadable DICOM ({exc})") from None
         orientation = np.array(_required(ds, "ImageOrientationPatient", path), float)
@@ -144,32 +146,36 @@ def read_series(series: SeriesFiles) -> CtSeries:
             )
         raise DicomError(slices[k + 1][0], f"uneven slice spacing ({gaps[k]:.2f} mm against {step:.2f} mm)")
 
-    planes = []
-    for path, ds, *_ in slices:
+    sop_uids = [str(s[1].get("SOPInstanceUID", "")) for s in slices]
+    positions = [s[3] for s in slices]
+    hu = np.empty((int(ds0.Columns), int(ds0.Rows), len(slices)), np.int16, order="F")  # z-planes contiguous
+    for k, (path, ds, *_) in enumerate(slices):
+        slices[k] = None  # and leaves memory once decoded
         try:
             stored = ds.pixel_array
         except Exception as exc:
             syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
             raise DicomError(path, f"pixel data cannot be decoded (transfer syntax {syntax}: {exc})") from None
-        hu = stored.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        plane = stored.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         out_of_field = None
         padding = ds.get("PixelPaddingValue")
         if padding is not None:
             if int(ds.get("PixelRepresentation", 0)) == 1 and padding > 32767:
                 padding -= 65536  # a signed image's padding value stored as unsigned
             out_of_field = stored == padding
-        planes.append(clean_hu(hu, out_of_field).T)  # (rows, cols) -> (x = column, y = row)
+        clean_hu_in_place(plane, out_of_field)
+        hu[:, :, k] = plane.T  # (rows, cols) -> (x = column, y = row)
 
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * spacing0[1]  # along a row = increasing column index
     affine_lps[:3, 1] = col_dir * spacing0[0]
     affine_lps[:3, 2] = normal * step
-    affine_lps[:3, 3] = slices[0][3]
+    affine_lps[:3, 3] = positions[0]
     return CtSeries(
-        hu=np.stack(planes, axis=2),
+        hu=hu,
         affine=LPS_TO_RAS @ affine_lps,
-        sop_uids=[str(s[1].get("SOPInstanceUID", "")) for s in slices],
-        z_positions_mm=np.array([s[3][2] for s in slices]),
+        sop_uids=sop_uids,
+        z_positions_mm=np.array([p[2] for p in positions]),
         series_uid=series.series_uid,
         patient_id=series.patient_id,
     )

@@ -61,6 +61,21 @@ class Annotation:
     voxels: np.ndarray
 
 
+@dataclass
+class ConsensusNodule:
+    """One physical nodule kept by the readers' vote: its uint8 {0, 1} consensus ``mask`` is a crop of the series
+    grid whose first voxel is ``origin`` (x, y, z); ``n_readers`` readers marked it."""
+
+    origin: np.ndarray
+    mask: np.ndarray
+    n_readers: int
+
+    @property
+    def box(self) -> tuple[slice, ...]:
+        """Where the crop sits in the series grid."""
+        return tuple(slice(o, o + n) for o, n in zip(self.origin.tolist(), self.mask.shape))
+
+
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
@@ -199,23 +214,35 @@ def group_annotations(annotations: list[Annotation], spacing_mm) -> list[list[in
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def consensus_masks(annotations: list[Annotation], groups: list[list[int]], shape, min_readers: int):
-    """For each group marked by >= ``min_readers`` distinct readers: (uint8 mask of the voxels marked by
-    at least half of its readers, number of readers)."""
+def consensus_nodules(annotations: list[Annotation], groups: list[list[int]], min_readers: int):
+    """For each group marked by >= ``min_readers`` distinct readers: a :class:`ConsensusNodule` whose mask holds
+    the voxels marked by at least half of its readers, cropped to the group's bounding box."""
     results = []
     for group in groups:
         readers = sorted({annotations[i].reader for i in group})
         if len(readers) < min_readers:
             continue
-        votes = np.zeros(shape, np.uint8)
+        voxels = np.concatenate([annotations[i].voxels for i in group])
+        origin = voxels.min(0)
+        votes = np.zeros(voxels.max(0) + 1 - origin, np.uint8)
         for reader in readers:
-            marked = np.zeros(shape, bool)
+            marked = np.zeros(votes.shape, bool)
             for i in group:
                 if annotations[i].reader == reader:
-                    v = annotations[i].voxels
+                    v = annotations[i].voxels - origin
                     marked[v[:, 0], v[:, 1], v[:, 2]] = True
             votes += marked
         mask = (votes.astype(np.int32) * 2 >= len(readers)).astype(np.uint8)
         if mask.any():
-            results.append((mask, len(readers)))
+            results.append(ConsensusNodule(origin, mask, len(readers)))
+    return results
+
+
+def consensus_masks(annotations: list[Annotation], groups: list[list[int]], shape, min_readers: int):
+    """:func:`consensus_nodules` as whole-grid masks of ``shape``: (uint8 mask, number of readers) per nodule."""
+    results = []
+    for nodule in consensus_nodules(annotations, groups, min_readers):
+        mask = np.zeros(shape, np.uint8)
+        mask[nodule.box] = nodule.mask
+        results.append((mask, nodule.n_readers))
     return results

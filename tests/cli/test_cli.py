@@ -105,12 +105,27 @@ def test_demo_runs_the_chain_and_lists_outputs(tmp_path, ray_session):
 
 
 def test_ingest_lidc_reports_failed_cases_and_exits_1(test_data, tmp_path):
-    out = tmp_path / "ds"
-    result = runner.invoke(app, ["ingest", "lidc", str(test_data / "lidc" / "xml-only"), "--out", str(out)])
+    """A series with the XML of a series that is not there: the series is ingested, the orphan is a failed case."""
+    import shutil
+
+    import numpy as np
+
+    from ctsynth_ray.dataset import Volume, centred_affine
+    from ctsynth_ray.ingest.export import write_dicom_series
+
+    shape = (16, 16, 3)
+    write_dicom_series(Volume("P1", np.zeros(shape, np.int16), np.zeros(shape, np.uint8),
+                              centred_affine(shape, (0.7, 0.7, 2.5))), tmp_path / "src" / "P1", patient_id="P1")  # fmt: skip
+    shutil.copy(test_data / "lidc" / "xml-only" / "071.xml", tmp_path / "src")
+    result = runner.invoke(app, ["ingest", "lidc", str(tmp_path / "src"), "--out", str(tmp_path / "ds")])
     assert result.exit_code == 1
     assert "ctsynth: error: case 071: " in result.output and "071.xml: no DICOM series" in result.output
-    assert "Traceback" not in result.output
-    assert (out / "ingest_report.json").is_file() and not list(out.rglob("*.nii.gz"))
+    assert "Traceback" not in result.output and [r["volume_id"] for r in read_manifest(tmp_path / "ds")] == ["P1"]
+    # Only the orphan: nothing to ingest, one line, nothing written.
+    result = runner.invoke(app, ["ingest", "lidc", str(test_data / "lidc" / "xml-only"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "no DICOM series found: nothing to ingest (1 problem(s)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+    assert (tmp_path / "ds" / "ingest_report.json").is_file()
 
 
 @pytest.mark.parametrize("kind", ["lidc", "nifti"])

@@ -1,3 +1,5 @@
+import gzip
+
 import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +18,7 @@ from ctsynth_ray.dataset import (
     write_volume,
 )
 from ctsynth_ray.errors import CtsynthError
+from ctsynth_ray.storage import Remote
 
 
 def make_volume(vid="v1", shape=(20, 16, 12), spacing=(0.5, 0.5, 1.0)):
@@ -37,6 +40,63 @@ def test_nifti_round_trip_keeps_dtype_values_and_affine(tmp_path):
     header = nib.load(path).header
     assert header["sform_code"] == 1 and header["qform_code"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]  # no temp file left
+
+
+def test_write_nifti_streams_the_same_standard_gzip_for_c_and_fortran_order(tmp_path):
+    affine = np.array([[-0.7, 0, 0, 120.0], [0, -0.7, 0, 80.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
+    data = np.random.default_rng(1).integers(-1024, 3000, (13, 11, 7)).astype(np.int16)
+    timings = {}
+    write_nifti(tmp_path / "c.nii.gz", data, affine, timings)
+    write_nifti(tmp_path / "f.nii.gz", np.asfortranarray(data), affine)
+    write_nifti(tmp_path / "plain.nii", data, affine)
+    packed = (tmp_path / "c.nii.gz").read_bytes()
+    # Neither the memory order nor the file name nor the time reaches the file: the same volume, the same bytes.
+    assert packed == (tmp_path / "f.nii.gz").read_bytes()
+    assert packed[3] == 0 and packed[4:8] == bytes(4)  # gzip header: no FNAME flag, mtime 0
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(packed))  # standard gzip, one member
+    assert gzip.decompress(packed) == (tmp_path / "plain.nii").read_bytes()
+    assert image.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(np.asarray(image.dataobj), data)
+    np.testing.assert_allclose(image.affine, affine, rtol=1e-6)  # the header stores float32
+    assert timings["compression"] > 0 and timings["write"] > 0
+
+
+def test_read_nifti_gives_what_nibabel_loads(tmp_path):
+    data = np.random.default_rng(2).integers(-1024, 3000, (9, 8, 5)).astype(np.int16)
+    affine = np.array([[0, -0.8, 0, 10.0], [0.6, 0, 0, -4.0], [0, 0, 1.25, 7.0], [0, 0, 0, 1]])
+    scaled = nib.Nifti1Image(data, affine)
+    scaled.header.set_slope_inter(0.5, -3.0)  # voxels nibabel scales: read through nibabel
+    files = {
+        "scaled.nii.gz": scaled,
+        "big_endian.nii.gz": nib.Nifti1Image(data.astype(">i2"), affine),
+        "float.nii.gz": nib.Nifti1Image(data / np.float32(7), affine),
+        "plain.nii": nib.Nifti1Image(data.astype(np.uint8), affine),
+        "nifti2.nii.gz": nib.Nifti2Image(data, affine),
+    }
+    for name, image in files.items():
+        nib.save(image, tmp_path / name)
+        array, back_affine = read_nifti(tmp_path / name)
+        expected = nib.load(tmp_path / name)
+        np.testing.assert_array_equal(array, np.asarray(expected.dataobj), err_msg=name)
+        assert array.dtype == np.asarray(expected.dataobj).dtype, name
+        np.testing.assert_array_equal(back_affine, expected.affine, err_msg=name)
+    cut = tmp_path / "cut.nii.gz"
+    write_nifti(cut, data, affine)
+    cut.write_bytes(gzip.compress(gzip.decompress(cut.read_bytes())[:-10]))  # a sound header, voxels missing
+    with pytest.raises(CtsynthError, match=r"cut\.nii\.gz: not a readable NIfTI file \(the voxel data ends early\)"):
+        read_nifti(cut)
+
+
+def test_nifti_on_an_object_store_is_the_local_file(tmp_path):
+    root = Remote("mock:///ctsynth-test-dataset")
+    root.fs.create_dir(root.path)
+    data = np.random.default_rng(3).integers(0, 2, (6, 7, 8)).astype(np.uint8)
+    write_nifti(root / "m.nii.gz", data, np.eye(4))
+    write_nifti(tmp_path / "m.nii.gz", data, np.eye(4))
+    assert (root / "m.nii.gz").read_bytes() == (tmp_path / "m.nii.gz").read_bytes()
+    array, affine = read_nifti(root / "m.nii.gz")
+    np.testing.assert_array_equal(array, data)
+    np.testing.assert_array_equal(affine, np.eye(4))
 
 
 def test_centred_affine_puts_the_grid_centre_at_the_origin():

@@ -2,8 +2,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy import ndimage
 
-from ctsynth_ray.dataset import Volume, centred_affine, load_volume, read_manifest
+from ctsynth_ray.dataset import Volume, centred_affine, crop_cube, load_volume, read_manifest
 from ctsynth_ray.gan_data import GanPairs, nodule_crops, pairs_from_crop, parse_dims, write_volume_shards
 from ctsynth_ray.labels import Tissue
 
@@ -67,6 +68,43 @@ def test_one_crop_per_volume_centred_on_the_largest_nodule():
     assert [int(h[8, 8, 8]) for _, h in both] == [7, 31]  # largest first
     with pytest.raises(ValueError, match="crops must be one of"):
         nodule_crops(volume, 16, 0, "all")
+
+
+def reference_nodule_crops(volume: Volume, size: int, air_label: int, crops: str):
+    """Crops as one whole-volume labelling finds them (what the bounding-box version must equal bit for bit)."""
+    labelled, count = ndimage.label(volume.mask > 0, structure=np.ones((3, 3, 3), bool))
+    components = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(np.ones(labelled.shape, np.uint8), labelled, components)
+    order = components[np.argsort(-sizes, kind="stable")]
+    out = []
+    for centre in ndimage.center_of_mass(volume.mask > 0, labelled, order[:1] if crops == "one" else order):
+        origin = np.rint(centre).astype(int) - size // 2
+        out.append((crop_cube(volume.label, origin, size, air_label), crop_cube(volume.hu, origin, size, -1000)))
+    return out
+
+
+@pytest.mark.parametrize("crops", ["one", "per-nodule"])
+def test_crops_are_those_of_a_whole_volume_labelling(crops):
+    """Nodules at the borders, touching diagonally (one component), of equal size (label order breaks the tie),
+    with centroids at .5 (rounded to even) and off the grid, in a volume the crops overhang."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((30, 27, 23), np.uint8)
+    mask[0:2, 5:7, 3:5] = 1  # 8 voxels at x = 0
+    mask[10:12, 20:22, 0:2] = 1  # 8 voxels at z = 0, but later in C order (x first): the tie goes to the one above
+    mask[20:23, 3:6, 8:10] = 1
+    mask[23, 6, 10] = 1  # diagonal neighbour: the same component, 19 voxels
+    mask[28:30, 25:27, 0:3] = 1
+    mask[29, 24, 0] = 1  # 13 voxels, centroid off the grid, in the far corner
+    hu = rng.integers(-1024, 3071, mask.shape).astype(np.int16)
+    volume = Volume("v", np.asfortranarray(hu), np.asfortranarray(mask), centred_affine(mask.shape, (1, 1, 1)),
+                    rng.integers(0, 7, mask.shape).astype(np.uint8))  # fmt: skip
+    got = nodule_crops(volume, 9, int(Tissue.OUTSIDE_AIR), crops)
+    expected = reference_nodule_crops(volume, 9, int(Tissue.OUTSIDE_AIR), crops)
+    assert len(got) == len(expected) == (1 if crops == "one" else 4)
+    for (label, hu_crop), (label_ref, hu_ref) in zip(got, expected):
+        np.testing.assert_array_equal(label, label_ref)
+        np.testing.assert_array_equal(hu_crop, hu_ref)
+    assert nodule_crops(Volume("none", hu, np.zeros_like(mask), volume.affine, volume.label), 9, 6, crops) == []
 
 
 def test_slices_are_grouped_by_crop_for_the_interslice_measure(tmp_path):

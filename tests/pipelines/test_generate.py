@@ -13,9 +13,10 @@ import pytest
 
 from ctsynth_ray.dataset import read_manifest, read_nifti
 from ctsynth_ray.errors import CtsynthError
-from ctsynth_ray.generation import PROGRESS, finished_rows, generator_fingerprint
+from ctsynth_ray.generation import finished_rows, generator_fingerprint
 from ctsynth_ray.pipelines.generate import GenerateOptions, generate
 from ctsynth_ray.pipelines.runtime import RayOptions
+from ctsynth_ray.progress import PROGRESS
 
 QUIET = RayOptions(progress=False)
 

@@ -111,6 +111,9 @@ def test_a_folder_mixing_two_series_gives_two_volumes(tmp_path):
     by_id = {r["volume_id"]: r for r in rows}
     np.testing.assert_array_equal(read_nifti(tmp_path / "ds" / by_id["P1_1"]["image"])[0], a.hu)
     np.testing.assert_array_equal(read_nifti(tmp_path / "ds" / by_id["P1_2"]["image"])[0], b.hu)
+    # One patient, one split: by volume id these two would fall in val and train.
+    ingest("lidc", tmp_path / "mixed", tmp_path / "split", split_fractions=(0.34, 0.33, 0.33), ray_options=QUIET)
+    assert [r["split"] for r in read_manifest(tmp_path / "split")] == ["test", "test"]
 
 
 def test_one_bad_case_does_not_stop_the_others(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from scipy import ndimage
 
 from ctsynth_ray.dataset import read_manifest, read_nifti
+from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.ingest.dicom import LPS_TO_RAS
 from ctsynth_ray.ingest.lidc_xml import parse_lidc_xml
 from ctsynth_ray.pipelines.ingest import ingest
@@ -93,12 +94,11 @@ def test_consensus_mask_sits_where_the_readers_drew(lidc_case):
     assert 15 < row["nodules"][0]["diameter_mm"] < 35
 
 
-def test_orphan_xml_is_a_clear_failure_and_writes_no_volume(test_data, tmp_path):
-    report = ingest("lidc", test_data / "lidc" / "xml-only", tmp_path / "ds", ray_options=QUIET)
-    assert not report.ok and report.ingested == []
-    (failure,) = report.failed
-    assert failure["file"].endswith("071.xml") and "no DICOM series with SeriesInstanceUID" in failure["reason"]
-    assert not list((tmp_path / "ds").glob("images/*")) and not list((tmp_path / "ds").glob("masks/*"))
+def test_a_folder_with_only_an_orphan_xml_is_one_error_and_writes_nothing(test_data, tmp_path):
+    with pytest.raises(CtsynthError, match=r"no DICOM series found: nothing to ingest \(1 problem\(s\); the first: "
+                                           r".*071.xml: no DICOM series with SeriesInstanceUID"):  # fmt: skip
+        ingest("lidc", test_data / "lidc" / "xml-only", tmp_path / "ds", ray_options=QUIET)
+    assert not (tmp_path / "ds").exists()
 
 
 def test_jpeg2000_series_decodes(test_data, tmp_path):
@@ -110,3 +110,16 @@ def test_jpeg2000_series_decodes(test_data, tmp_path):
     assert row["n_nodules"] == 0 and row["source_spacing_z"] == pytest.approx(2.0)
     assert hu.shape == (1023, 1023, 39)
     assert np.percentile(hu, 99) > 100 and hu.min() >= -1024  # real tissue decoded, not zeros
+
+
+def test_a_second_copy_of_a_reader_xml_counts_once(test_data, tmp_path):
+    """TCIA's image download and its XML zip can both hold a series' XML: four readers, not eight."""
+    import shutil
+
+    from ctsynth_ray.ingest.cases import find_lidc_cases
+
+    case = shutil.copytree(test_data / "lidc" / "LIDC-IDRI-0001", tmp_path / "LIDC-IDRI-0001")
+    (tmp_path / "tcia-lidc-xml" / "157").mkdir(parents=True)
+    shutil.copy(case / "069.xml", tmp_path / "tcia-lidc-xml" / "157" / "069.xml")
+    (found,), problems = find_lidc_cases(tmp_path)
+    assert found.xml_paths == [case / "069.xml"] and not problems

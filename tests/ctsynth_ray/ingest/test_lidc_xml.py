@@ -5,10 +5,12 @@ from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.ingest.lidc_xml import (
     Annotation,
     consensus_masks,
+    consensus_nodules,
     group_annotations,
     outline_to_pixels,
     parse_lidc_xml,
 )
+from ctsynth_ray.resample import resample_mask, target_shape
 
 
 def square_outline(x0, y0, size):
@@ -74,3 +76,29 @@ def test_grouping_links_overlapping_readers_and_counts_votes():
 def test_same_reader_annotations_are_never_linked_directly():
     groups = group_annotations([Annotation(0, cube(10)), Annotation(0, cube(11))], (1, 1, 1))
     assert len(groups) == 2
+
+
+def test_consensus_crops_are_the_whole_grid_masks_and_resample_alike():
+    # Nodules at the grid's edges too, where the resampled box would reach outside a crop without a margin.
+    annotations = [
+        Annotation(0, cube(0, size=5, z=3)),
+        Annotation(1, cube(1, size=4, z=3)),
+        Annotation(2, cube(0, size=3, z=2)),
+        Annotation(0, cube(57, size=7, z=4)),
+        Annotation(1, cube(58, size=6, z=4)),
+        Annotation(3, cube(59, size=5, z=3)),
+    ]
+    shape, spacing, new_spacing = (64, 8, 4), (0.7, 0.7, 2.5), (0.48828125, 0.48828125, 1.0)
+    groups = group_annotations(annotations, spacing)
+    nodules = consensus_nodules(annotations, groups, min_readers=3)
+    masks = consensus_masks(annotations, groups, shape, min_readers=3)
+    assert len(nodules) == len(masks) == 2
+    new_shape = target_shape(shape, spacing, new_spacing)
+    for nodule, (mask, readers) in zip(nodules, masks):
+        assert nodule.n_readers == readers == 3 and nodule.mask.size < mask.size / 4
+        whole = np.zeros(shape, np.uint8)
+        whole[nodule.box] = nodule.mask
+        np.testing.assert_array_equal(whole, mask)
+        cropped = resample_mask(nodule.mask, spacing, new_spacing, new_shape, origin=nodule.origin, source_shape=shape)
+        np.testing.assert_array_equal(cropped, resample_mask(mask, spacing, new_spacing, new_shape))
+        assert cropped.any()

@@ -1,10 +1,14 @@
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
 
 from ctsynth_ray.dataset import read_manifest, read_nifti
+from ctsynth_ray.errors import CtsynthError
 from ctsynth_ray.pipelines.ingest import ingest
 from ctsynth_ray.pipelines.runtime import RayOptions
+from ctsynth_ray.resample import clean_hu, resample_hu, resample_linear
 
 QUIET = RayOptions(progress=False)
 
@@ -43,10 +47,18 @@ def test_nifti_pair_is_reoriented_resampled_and_cleaned(chest_pair, tmp_path):
     assert row["nodules"][0]["volume_mm3"] == pytest.approx(mask.sum() * 0.48828125**2, rel=1e-6)
 
 
-def test_image_without_mask_is_a_clear_failure(test_data, tmp_path):
-    report = ingest("nifti", test_data / "ct", tmp_path / "ds", ray_options=QUIET)
+def test_image_without_mask_is_a_clear_failure(chest_pair, test_data, tmp_path):
+    src, _, _ = chest_pair
+    shutil.copy(test_data / "ct" / "chest_cta_crop.nii.gz", src / "alone.nii.gz")
+    report = ingest("nifti", src, tmp_path / "ds", ray_options=QUIET)
     (failure,) = report.failed
-    assert failure["case"] == "chest_cta_crop" and failure["reason"].startswith("no mask")
+    assert failure["case"] == "alone" and failure["reason"].startswith("no mask") and len(report.ingested) == 1
+    # Nothing but an image without its mask: nothing to ingest, one line naming the first problem, nothing written.
+    with pytest.raises(
+        CtsynthError, match=r"nothing to ingest \(1 problem\(s\); the first: .*chest_cta_crop.nii.gz: no mask"
+    ):
+        ingest("nifti", test_data / "ct", tmp_path / "none", ray_options=QUIET)
+    assert not (tmp_path / "none").exists()
 
 
 def test_mismatched_mask_grid_is_a_clear_failure(chest_pair, tmp_path):
@@ -56,3 +68,31 @@ def test_mismatched_mask_grid_is_a_clear_failure(chest_pair, tmp_path):
     (failure,) = report.failed
     assert "does not match the image grid" in failure["reason"]
     assert not list((tmp_path / "ds").rglob("*.nii.gz"))
+
+
+@pytest.mark.parametrize(
+    "shape, spacing_mm, new_spacing_mm",
+    [
+        ((37, 29, 13), (0.703125, 0.703125, 2.5), (0.48828125, 0.48828125, 1.0)),  # LIDC: finer on every axis
+        ((41, 23, 31), (0.4, 0.9, 0.8), (0.48828125, 0.48828125, 1.0)),  # coarser in x and z, finer in y
+        ((17, 19, 11), (0.48828125, 0.7, 1.0), (0.48828125, 0.48828125, 1.0)),  # x and z keep their grid
+        ((9, 8, 7), (0.5, 0.5, 1.0), (0.5, 0.5, 1.0)),  # nothing to resample: clean only
+    ],
+)
+def test_resample_hu_is_resample_linear_then_clean_hu_bit_for_bit(shape, spacing_mm, new_spacing_mm):
+    hu = np.random.default_rng(7).uniform(-2600, 3200, shape).astype(np.float32)  # padding, tissue, metal
+    for source in (hu, np.asfortranarray(hu), np.rint(hu).astype(np.int16)):
+        before = source.copy()
+        out = resample_hu(source, spacing_mm, new_spacing_mm)
+        expected = clean_hu(resample_linear(source, spacing_mm, new_spacing_mm))
+        assert out.dtype == np.int16 and out.flags.f_contiguous
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(source, before)  # cleaned plane by plane, never in the caller's array
+
+
+def test_clean_hu_rules_round_half_to_even():
+    hu = np.array([0.5, 1.5, 2.5, -0.5, -1024.5, -1024.0, 1900.0, 1900.4, 3000.0])
+    padding = np.array([False] * 8 + [True])
+    np.testing.assert_array_equal(clean_hu(hu), [0, 2, 2, 0, -1000, -1024, 1900, 50, 50])
+    np.testing.assert_array_equal(clean_hu(hu, padding), [0, 2, 2, 0, -1000, -1024, 1900, 50, -1000])
+    assert clean_hu(hu).dtype == np.int16
