@@ -156,7 +156,8 @@ class LoopbackCluster:
                 pids.append(int(entry.name))
         return pids
 
-    def stop(self, timeout: float = 20) -> None:
+    def stop(self, timeout: float = 5) -> None:
+        """SIGTERM to every process of the cluster, SIGKILL to any left after ``timeout`` seconds."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.processes():
                 with contextlib.suppress(ProcessLookupError):
