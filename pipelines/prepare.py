@@ -17,7 +17,6 @@ from ctsynth_ray.dataset import (
     PREPARE_RECORD,
     Volume,
     dataset_fingerprint,
-    load_volume,
     read_manifest,
     read_nifti,
     write_json,
@@ -52,13 +51,22 @@ BASE_MEMORY = 300 << 20
 BYTES_PER_VOXEL = 5
 
 
+def _labelled_volume(dataset: str, row: dict, scheme: str) -> tuple[Volume, str]:
+    """Decode a volume once (its image and mask, not an older label map), make its label map and write it; the
+    volume with its label map, and the map's path relative to ``dataset``."""
+    vid = row["volume_id"]
+    if not row.get("image"):
+        raise CtsynthError(f"{vid}: no image to make a label map from")
+    mask, affine = read_nifti(Path(dataset) / row["mask"])
+    hu = read_nifti(Path(dataset) / row["image"])[0]
+    volume = Volume(vid, hu, mask, affine, label_map(hu, mask, scheme))
+    relative = f"labels/{vid}.nii.gz"
+    write_nifti(Path(dataset) / relative, volume.label, affine)
+    return volume, relative
+
+
 def _label_task(root: str, row: dict, scheme: str) -> str:
-    volume = load_volume(root, row)
-    if volume.hu is None:
-        raise CtsynthError(f"{row['volume_id']}: no image to make a label map from")
-    relative = f"labels/{row['volume_id']}.nii.gz"
-    write_nifti(Path(root) / relative, label_map(volume.hu, volume.mask, scheme), volume.affine)
-    return relative
+    return _labelled_volume(root, row, scheme)[1]
 
 
 def write_label_maps(dataset: Path, scheme: str, ray_options: RayOptions = RayOptions()) -> list[dict]:
@@ -92,12 +100,8 @@ def _volume_task(dataset: str, out: str, row: dict, scheme: str, part: str | Non
                  stack_slices: int, air_label: int, crops: str, templates: bool) -> dict:  # fmt: skip
     """One volume, decoded once: its label map into the dataset, its GAN pairs (``part`` 'train' or 'val', None for
     none) and nodule templates into ``out``; then its progress record, which it returns."""
-    vid = row["volume_id"]
-    mask, affine = read_nifti(Path(dataset) / row["mask"])
-    hu = read_nifti(Path(dataset) / row["image"])[0]
-    volume = Volume(vid, hu, mask, affine, label_map(hu, mask, scheme))
-    relative = f"labels/{vid}.nii.gz"
-    write_nifti(Path(dataset) / relative, volume.label, affine)
+    volume, relative = _labelled_volume(dataset, row, scheme)
+    vid = volume.volume_id
     counts = write_volume_shards(Path(out), part, volume, kinds, size, stack_slices, air_label, crops) if part else {}
     candidates = volume_templates(volume) if templates else []
     if candidates:
